@@ -1,0 +1,182 @@
+"""Command line: ``ling-jax train | eval | info``.
+
+Overrides use the config's dotted field names: ``--model.d_model 512`` or ``--train.steps=100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ling_jax.config import Config, ConfigError, apply_overrides, get_preset
+
+
+def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
+    """Turns ``--a.b 1 --c.d=2`` into {"a.b": "1", "c.d": "2"}; anything else is an error."""
+    out, i = {}, 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}; overrides look like --model.d_model 512")
+        key = item[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"override --{key} needs a value")
+            value, i = extra[i + 1], i + 2
+        if "." not in key:
+            raise ConfigError(f"unknown option --{key}; overrides look like --section.field VALUE "
+                              f"(sections: model, train, data, mesh)")
+        out[key] = value
+    return out
+
+
+def build_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
+    config = get_preset(args.preset)
+    overrides = _parse_overrides(extra)
+    if getattr(args, "steps", None) is not None:
+        overrides["train.steps"] = str(args.steps)
+    if getattr(args, "checkpoint_every", None) is not None:
+        overrides["train.checkpoint_every"] = str(args.checkpoint_every)
+    if getattr(args, "data", None):
+        overrides["data.task"], overrides["data.path"] = "text", args.data
+    if getattr(args, "task", None):
+        overrides["data.task"] = args.task
+    if getattr(args, "mesh", None):
+        for part in args.mesh.split(","):
+            if "=" not in part:
+                raise ConfigError(f"--mesh takes axis=size pairs like data=2,fsdp=4; got {part!r}")
+            axis, size = part.split("=", 1)
+            overrides[f"mesh.{axis.strip()}"] = size.strip()
+    return apply_overrides(config, overrides)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--data", help="text file or directory (default: the Python standard library sources)")
+    g.add_argument("--task", choices=["mqar", "needle", "multihop"], help="a synthetic task instead of text")
+
+
+def cmd_train(args, extra) -> int:
+    from ling_jax.train import train
+
+    config = build_config(args, extra)
+    result = train(config, args.workdir, progress=not args.no_progress)
+    print(json.dumps(result))
+    if config.data.task == "text" and not args.skip_baselines:
+        from ling_jax.data import load_corpus
+        from ling_jax.data.baselines import ngram_bpb, zlib_bpb
+
+        valid = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
+        train_bytes = load_corpus(config.data.path or None, "train", config.data.validation_fraction)
+        table = {"model": result["bpb"], "zlib-9": zlib_bpb(valid, level=9), "order-2 n-gram": ngram_bpb(train_bytes, valid, order=2)}
+        print(f"validation bits per byte ({len(valid):,} bytes):")
+        for name, value in table.items():
+            print(f"  {name:<16} {value:.3f}")
+    return 0
+
+
+def cmd_eval(args, extra) -> int:
+    import jax
+
+    from ling_jax.pipeline import build_data
+    from ling_jax.train import evaluate, load_trained, make_eval_step
+
+    config, model, state = load_trained(args.workdir)
+    overrides = _parse_overrides(extra)
+    if args.data:
+        overrides["data.task"], overrides["data.path"] = "text", args.data
+    if args.task:
+        overrides["data.task"] = args.task
+    config = apply_overrides(config, overrides)
+    data = build_data(config)
+    result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric)
+    out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_info(args, extra) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from ling_jax.ledger import flops_per_token
+    from ling_jax.model import Transformer
+
+    config = build_config(args, extra)
+    model = Transformer(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes["params"]))
+    t = config.train
+    param_bytes = 4 * n_params
+    # AdamW: two float32 moments per parameter.
+    info = {
+        "preset": config.preset,
+        "params": n_params,
+        "flops_per_token_forward": flops_per_token(config.model, t.seq_len),
+        "flops_per_token_train": 3 * flops_per_token(config.model, t.seq_len),
+        "param_bytes": param_bytes,
+        "optimizer_bytes": 2 * param_bytes,
+        "tokens_per_step": t.batch_size * t.seq_len,
+    }
+    if args.mesh or args.memory:
+        from ling_jax.sharding import memory_report
+
+        info.update(memory_report(config))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ling-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (resumes from the latest checkpoint in --workdir)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--workdir", required=True)
+    _add_data_args(p)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--mesh", help="e.g. data=2,fsdp=2,tensor=1,expert=2 (one may be -1)")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-baselines", action="store_true", help="do not print zlib / n-gram figures")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint; prints one JSON line")
+    p.add_argument("--workdir", required=True)
+    _add_data_args(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("info", help="parameter count, FLOPs per token, memory estimate")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--mesh")
+    p.add_argument("--memory", action="store_true", help="compile a train step and report per-device memory")
+    p.set_defaults(fn=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ling_jax.data import DataError
+
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "distributed", False):
+            import jax
+
+            jax.distributed.initialize()
+        return args.fn(args, extra)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"ling-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

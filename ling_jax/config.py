@@ -1,0 +1,559 @@
+"""Frozen, self-validating configuration dataclasses and named presets.
+
+Every config validates itself in ``__post_init__`` and raises :class:`ConfigError` naming the
+field and what is allowed. Presets are plain functions of nothing; command-line overrides go
+through :func:`apply_overrides` (``model.d_model=512`` or ``--model.d_model 512``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
+
+
+def _one_of(obj, name: str, allowed: Sequence[Any]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _in_range(obj, name: str, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{type(obj).__name__}.{name} must be in {interval}, got {value!r}")
+
+
+def layer_list(spec: str | Sequence[int], num_layers: int, *, field_name: str) -> tuple[int, ...]:
+    """Parses a layer selection: "all", "none", "from:2", "every:2", "every:2:1" (offset), "0,3,5"."""
+    if not isinstance(spec, str):
+        layers = tuple(int(i) for i in spec)
+    elif spec == "all":
+        layers = tuple(range(num_layers))
+    elif spec == "none" or spec == "":
+        layers = ()
+    elif spec.startswith("from:"):
+        layers = tuple(range(int(spec[5:]), num_layers))
+    elif spec.startswith("every:"):
+        parts = [int(p) for p in spec[6:].split(":")]
+        step, offset = parts[0], parts[1] if len(parts) > 1 else 0
+        if step <= 0:
+            raise ConfigError(f"{field_name}: step in {spec!r} must be positive")
+        layers = tuple(range(offset, num_layers, step))
+    else:
+        try:
+            layers = tuple(int(p) for p in spec.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"{field_name} must be 'all', 'none', 'from:L', 'every:N[:offset]' or a comma list "
+                f"of layer indices, got {spec!r}"
+            ) from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{field_name} selects layers {bad} that do not exist (model has {num_layers} layers: 0..{num_layers - 1})")
+    return tuple(sorted(set(layers)))
+
+
+# ----------------------------------------------------------------------------- mechanism configs
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Learned dynamic token pruning (see ``ling_jax/layers/pruning.py``).
+
+    Each pruning layer scores every token (higher = keep). ``mode="soft"`` (training) adds the
+    log keep-probability ``log sigmoid(score / temperature)`` to the attention logits of keys
+    outside the sinks and the window; the temperature anneals geometrically from ``temperature``
+    to ``final_temperature`` over ``anneal_steps`` and a regulariser (``loss_pruning_keep``) drives
+    the mean keep probability to ``target_keep_ratio``. ``mode="hard"`` (inference) decides:
+    ``inference_rule="threshold"`` keeps a token if ``sigmoid(score) >= threshold``;
+    ``"budget"`` lets each query see at most ``budget`` keys: the ``num_sinks`` first tokens, its
+    ``window`` most recent tokens and the highest-scoring older ones (exactly what a KV cache of
+    ``budget`` slots that evicts its lowest-scoring entry holds). ``compaction`` removes pruned
+    tokens from the sequence of later layers (static capacity ``budget``). ``baseline`` swaps the
+    learned scorer for a training-free policy at the same budget.
+    """
+
+    enabled: bool = False
+    layers: str = "from:1"  # which layers score tokens (see `layer_list`); layers above inherit the mask
+    scorer: str = "linear"  # linear | lowrank
+    scorer_rank: int = 16
+    mode: str = "soft"  # soft (training, differentiable) | hard (inference)
+    target_keep_ratio: float = 0.5
+    regularizer_weight: float = 1.0
+    temperature: float = 1.0  # soft-mask temperature at step 0
+    final_temperature: float = 0.1  # reached after anneal_steps (toward a hard decision)
+    anneal_steps: int = 0  # 0: constant temperature
+    inference_rule: str = "threshold"  # threshold | budget
+    threshold: float = 0.5  # keep if sigmoid(score) >= threshold
+    budget: int = 64  # max keys per query / KV-cache slots per layer (including sinks and window)
+    num_sinks: int = 1
+    window: int = 8  # recent tokens always visible (>= 1: a query always sees itself)
+    cascade: bool = True  # a token pruned at layer l stays pruned above (keep flags AND, log-keeps add)
+    compaction: bool = False  # hard mode: drop pruned tokens from the sequence of later layers
+    baseline: str = "learned"  # learned | random | window | h2o | tova | oracle
+    seed: int = 0  # random baseline
+
+    def __post_init__(self):
+        _one_of(self, "scorer", ("linear", "lowrank"))
+        _one_of(self, "mode", ("soft", "hard"))
+        _one_of(self, "inference_rule", ("threshold", "budget"))
+        _one_of(self, "baseline", ("learned", "random", "window", "h2o", "tova", "oracle"))
+        _positive(self, "scorer_rank", "budget", "window")
+        _non_negative(self, "num_sinks", "regularizer_weight", "anneal_steps", "seed")
+        _in_range(self, "target_keep_ratio", 0.0, 1.0, lo_open=True)
+        _in_range(self, "threshold", 0.0, 1.0)
+        for name in ("temperature", "final_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"PruningConfig.{name} must be > 0, got {value!r}")
+        if self.budget < self.num_sinks + self.window:
+            raise ConfigError(
+                f"PruningConfig.budget ({self.budget}) must be >= num_sinks + window "
+                f"({self.num_sinks} + {self.window})"
+            )
+        if self.baseline != "learned" and self.mode != "hard":
+            raise ConfigError(f"PruningConfig.baseline={self.baseline!r} is a hard mask: set mode='hard' "
+                              "(mode='soft' is for training the learned scorer)")
+        if self.baseline in ("random", "window", "h2o", "tova") and self.inference_rule != "budget":
+            raise ConfigError(f"PruningConfig.baseline={self.baseline!r} ranks keys under a budget: set "
+                              "inference_rule='budget' (threshold works for 'learned' and 'oracle')")
+        if self.compaction and self.mode != "hard":
+            raise ConfigError("PruningConfig.compaction needs mode='hard' (soft masks prune nothing)")
+        if self.compaction and self.baseline in ("h2o", "tova"):
+            raise ConfigError(f"PruningConfig.compaction cannot be used with baseline={self.baseline!r}: "
+                              "its scores come from attention during decoding (ling_jax.generate)")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse top-k mixture of experts (see ``ling_jax/layers/moe.py``)."""
+
+    enabled: bool = False
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 0  # 0: use ModelConfig.mlp_dim
+    num_shared_experts: int = 0
+    num_zero_experts: int = 0
+    layers: str = "from:0"
+    router: str = "softmax"  # softmax | sigmoid
+    num_groups: int = 1
+    top_groups: int = 1
+    route_scale: float = 1.0
+    capacity_factor: float = 0.0  # 0.0 = dropless
+    dispatch: str = "auto"  # reference | dense | sorted | pallas | auto
+    jitter: float = 0.0
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (sigmoid router); 0 disables
+
+    def __post_init__(self):
+        _positive(self, "num_experts", "top_k", "num_groups", "top_groups")
+        _non_negative(self, "expert_dim", "num_shared_experts", "num_zero_experts", "jitter",
+                      "load_balance_weight", "z_loss_weight", "bias_update_rate", "capacity_factor")
+        _one_of(self, "router", ("softmax", "sigmoid"))
+        _one_of(self, "dispatch", ("reference", "dense", "sorted", "pallas", "auto"))
+        total = self.num_experts + self.num_zero_experts
+        if self.top_k > total:
+            raise ConfigError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts + num_zero_experts ({total})")
+        if total % self.num_groups:
+            raise ConfigError(f"MoEConfig.num_groups ({self.num_groups}) must divide num_experts + num_zero_experts ({total})")
+        if self.top_groups > self.num_groups:
+            raise ConfigError(f"MoEConfig.top_groups ({self.top_groups}) must be <= num_groups ({self.num_groups})")
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """Adaptive depth: Mixture-of-Depths routing and early exit (see ``ling_jax/layers/depth.py``).
+
+    ``mode="train"``: MoD routes the top ``mod_capacity`` of each sequence (compacted, non-causal)
+    and every exit head is trained; ``mode="infer"``: MoD uses the causal ``mod_inference`` rule
+    and tokens whose confidence exceeds the (decaying) ``exit_threshold`` stop at that layer.
+    """
+
+    mode: str = "train"  # train | infer
+    mod_enabled: bool = False
+    mod_layers: str = "every:2:1"
+    mod_capacity: float = 0.125
+    mod_inference: str = "predictor"  # predictor | threshold | topk (non-causal, as in training)
+    mod_threshold: float = 0.5  # on sigmoid(router score), mod_inference="threshold"
+    mod_weight: str = "straight_through"  # straight_through (forward scale 1) | sigmoid (scale sigmoid(score))
+    predictor_dim: int = 64  # hidden width of the MoD predictor and exit classifier MLPs; 0 = linear
+    aux_loss_weight: float = 1.0  # BCE weight of the MoD predictor and the exit classifier
+    exit_enabled: bool = False
+    exit_layers: str = "all"  # the last layer is never an exit (the final head covers it)
+    exit_confidence: str = "margin"  # margin | saturation | classifier
+    exit_threshold: float = 1.0  # exit when confidence > threshold; the top of the range never exits
+    exit_decay: float = 0.0  # threshold(pos) = lo + (threshold - lo) * exp(-decay * pos / max_seq_len)
+    exit_loss_weight: float = 1.0  # weight of the mean per-exit-layer cross-entropy
+
+    def __post_init__(self):
+        _one_of(self, "mode", ("train", "infer"))
+        _in_range(self, "mod_capacity", 0.0, 1.0, lo_open=True)
+        _one_of(self, "mod_inference", ("predictor", "threshold", "topk"))
+        _in_range(self, "mod_threshold", 0.0, 1.0)
+        _one_of(self, "mod_weight", ("straight_through", "sigmoid"))
+        _one_of(self, "exit_confidence", ("margin", "saturation", "classifier"))
+        _non_negative(self, "predictor_dim", "aux_loss_weight", "exit_decay", "exit_loss_weight")
+        lo, hi = self.confidence_range
+        if not (isinstance(self.exit_threshold, (int, float)) and not isinstance(self.exit_threshold, bool)
+                and lo <= self.exit_threshold <= hi):
+            raise ConfigError(
+                f"DepthConfig.exit_threshold must be in [{lo}, {hi}] for exit_confidence="
+                f"{self.exit_confidence!r}, got {self.exit_threshold!r}"
+            )
+
+    @property
+    def confidence_range(self) -> tuple[float, float]:
+        """The range of the exit confidence: margin and classifier in [0, 1], saturation in [-1, 1]."""
+        return (-1.0, 1.0) if self.exit_confidence == "saturation" else (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- model / train / data
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 384
+    max_seq_len: int = 256
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; params are always float32
+    remat: str = "none"  # none | block
+    attention_impl: str = "auto"  # reference | xla | pallas | auto
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len")
+        _non_negative(self, "head_dim")
+        _one_of(self, "dtype", ("float32", "bfloat16", "float16"))
+        _one_of(self, "remat", ("none", "block"))
+        _one_of(self, "attention_impl", ("reference", "xla", "pallas", "auto"))
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim == 0 and self.d_model % self.num_heads:
+            raise ConfigError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}) "
+                "unless head_dim is set"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"ModelConfig head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+        if not self.rope_base > 0:
+            raise ConfigError(f"ModelConfig.rope_base must be > 0, got {self.rope_base!r}")
+        # Resolve layer selections now so a bad one fails at construction time.
+        self.pruning_layers, self.moe_layers, self.mod_layers, self.exit_layers  # noqa: B018
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        if not self.pruning.enabled:
+            return ()
+        return layer_list(self.pruning.layers, self.num_layers, field_name="ModelConfig.pruning.layers")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        if not self.moe.enabled:
+            return ()
+        return layer_list(self.moe.layers, self.num_layers, field_name="ModelConfig.moe.layers")
+
+    @property
+    def mod_layers(self) -> tuple[int, ...]:
+        if not self.depth.mod_enabled:
+            return ()
+        return layer_list(self.depth.mod_layers, self.num_layers, field_name="ModelConfig.depth.mod_layers")
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        if not self.depth.exit_enabled:
+            return ()
+        return layer_list(self.depth.exit_layers, self.num_layers, field_name="ModelConfig.depth.exit_layers")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 200
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta2: float = 0.95
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "seq_len", "steps", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
+        _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "seed")
+        _in_range(self, "min_lr_ratio", 0.0, 1.0)
+        _in_range(self, "beta2", 0.0, 1.0, hi_open=True)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+
+
+TASK_NAMES = ("text", "mqar", "needle", "multihop")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "text"  # text | mqar | needle | multihop
+    path: str = ""  # text: a file or directory; "" = the Python standard library sources
+    validation_fraction: float = 0.05
+    task_options: str = ""  # synthetic task knobs, "num_pairs=4,filler_fraction=0.9"
+
+    def __post_init__(self):
+        _one_of(self, "task", TASK_NAMES)
+        _in_range(self, "validation_fraction", 0.0, 0.5, lo_open=True)
+        self.task_kwargs()  # noqa: B018  (parse now so a bad string fails at construction)
+
+    def task_kwargs(self) -> dict[str, str]:
+        """Parses `task_options` into {name: raw string}; the task config coerces and validates."""
+        out = {}
+        for part in filter(None, (p.strip() for p in self.task_options.split(","))):
+            if "=" not in part:
+                raise ConfigError(f"DataConfig.task_options entries look like name=value, got {part!r}")
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+        return out
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        sizes = self.axis_sizes()
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError(f"MeshConfig: at most one axis may be -1, got {sizes}")
+        for name, value in sizes.items():
+            if not isinstance(value, int) or (value <= 0 and value != -1):
+                raise ConfigError(f"MeshConfig.{name} must be a positive integer or -1, got {value!r}")
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    preset: str = ""
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"TrainConfig.seq_len ({self.train.seq_len}) is larger than the model supports "
+                f"(ModelConfig.max_seq_len = {self.model.max_seq_len})"
+            )
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _cpu_tiny() -> Config:
+    """Seconds on a laptop: the test-suite preset."""
+    return Config(
+        model=ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192, max_seq_len=128),
+        train=TrainConfig(batch_size=8, seq_len=64, steps=50, learning_rate=3e-3, warmup_steps=5,
+                          checkpoint_every=25, eval_batches=2, log_every=5),
+        preset="cpu-tiny",
+    )
+
+
+def _cpu_small() -> Config:
+    """The README main job: a few minutes on 2 CPU cores."""
+    return Config(
+        model=ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=256),
+        train=TrainConfig(batch_size=16, seq_len=128, steps=600, learning_rate=3e-3, warmup_steps=30,
+                          checkpoint_every=200, eval_batches=16, log_every=20),
+        preset="cpu-small",
+    )
+
+
+def _cpu_base() -> Config:
+    """About 30 minutes on 2 CPU cores."""
+    return Config(
+        model=ModelConfig(d_model=192, num_layers=6, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=256),
+        train=TrainConfig(batch_size=16, seq_len=256, steps=2500, learning_rate=2e-3, warmup_steps=100,
+                          checkpoint_every=500, eval_batches=32, log_every=50),
+        preset="cpu-base",
+    )
+
+
+def _tpu_base() -> Config:
+    """One TPU host (e.g. v5e-8 / v4-8): ~150M params, bf16 compute, FSDP over the host's chips.
+
+    Not run here; sized so params + AdamW state + activations fit comfortably in 8 x 16 GB.
+    """
+    return Config(
+        model=ModelConfig(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=4, mlp_dim=2816,
+                          max_seq_len=2048, dtype="bfloat16", remat="block", attention_impl="auto"),
+        train=TrainConfig(batch_size=256, seq_len=2048, steps=20_000, learning_rate=1e-3, warmup_steps=1000,
+                          checkpoint_every=1000, eval_batches=32, log_every=50),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, expert=1),
+        preset="tpu-base",
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "cpu-tiny": _cpu_tiny,
+    "cpu-small": _cpu_small,
+    "cpu-base": _cpu_base,
+    "tpu-base": _tpu_base,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Converts a command-line string to the field's declared type."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    try:
+        if annotation is bool:
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"override {path}: cannot parse {value!r} as {annotation.__name__}") from None
+    return value
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"unknown override key {full!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    name = parts[0]
+    if name not in fields:
+        raise ConfigError(
+            f"unknown override key {full!r}: {type(obj).__name__} has no field {name!r}; "
+            f"allowed: {sorted(n for n in fields if n != 'preset')}"
+        )
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(getattr(obj, name)):
+            raise ConfigError(f"override {full!r} names a config group; set one of its fields, e.g. {full}.<field>")
+        new = _coerce(value, fields[name].type, full)
+    else:
+        new = _replace_path(getattr(obj, name), parts[1:], value, full)
+    return dataclasses.replace(obj, **{name: new})
+
+
+def apply_overrides(config: Config, overrides: Mapping[str, Any] | Sequence[str]) -> Config:
+    """Applies ``{"model.d_model": "512"}`` or ``["model.d_model=512", ...]`` overrides."""
+    if not isinstance(overrides, Mapping):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            key, value = item.split("=", 1)
+            pairs[key.strip().lstrip("-")] = value.strip()
+        overrides = pairs
+    for key, value in overrides.items():
+        config = _replace_path(config, key.split("."), value, key)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`to_dict` (used to check a workdir's saved config)."""
+
+    def build(cls, values):
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                v = build(hint, v)
+            elif isinstance(v, list):
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(Config, data)
+
+
+def model_signature(model: ModelConfig) -> dict:
+    """The parts of a model config that determine the parameter tree (for checkpoint checks)."""
+    d = dataclasses.asdict(model)
+    return {k: d[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                              "head_dim", "mlp_dim", "tie_embeddings")} | {
+        "moe": d["moe"] if model.moe.enabled else None,
+        "pruning_scorer": (model.pruning.scorer, model.pruning.scorer_rank) if model.pruning.enabled else None,
+        "depth": (model.mod_layers, model.exit_layers, model.depth.predictor_dim)
+        if model.depth.mod_enabled or model.depth.exit_enabled else None,
+    }

@@ -1,0 +1,1 @@
+"""Flax Linen layers of the ling-jax transformer."""

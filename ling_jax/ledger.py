@@ -1,0 +1,122 @@
+"""The compute ledger: analytic FLOPs from the counts the layers record.
+
+Layers ``sow`` counts into the ``intermediates`` collection; this module multiplies them by the
+cost of one unit of work. Count names (summed over the batch):
+
+``tokens_computed``      tokens through the attention projections (Q, K, V, O)
+``attn_pairs_computed``  (query, key) pairs the attention implementation actually evaluated
+``attn_pairs_visible``   pairs with a visible key: what an ideal sparse kernel evaluates
+``mlp_tokens``           tokens through a dense SwiGLU MLP
+``expert_evals``         (token, routed FFN expert) evaluations; zero-compute experts excluded
+``shared_evals``         (token, shared expert) evaluations
+``router_tokens``        tokens scored by an MoE router
+``head_tokens``          tokens through the output head (final and early-exit heads)
+``flops_*``              FLOPs a layer computed itself (small scorers and routers)
+
+The **token reduction factor** is dense FLOPs / FLOPs computed, for the same input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from ling_jax.config import ModelConfig
+
+
+def unit_flops(cfg: ModelConfig) -> dict[str, float]:
+    """FLOPs of one unit of each recorded count (a multiply-add is 2 FLOPs)."""
+    e, h, hkv, d, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.vocab_size
+    expert_dim = cfg.moe.expert_dim or cfg.mlp_dim
+    return {
+        "tokens_computed": 2.0 * e * (2 * h * d + 2 * hkv * d),
+        "attn_pairs": 4.0 * h * d,
+        "mlp_tokens": 6.0 * e * cfg.mlp_dim,
+        "expert_evals": 6.0 * e * expert_dim,
+        "shared_evals": 6.0 * e * expert_dim,
+        "router_tokens": 2.0 * e * (cfg.moe.num_experts + cfg.moe.num_zero_experts),
+        "head_tokens": 2.0 * e * v,
+    }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
+    out = {}
+    for key, value in tree.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, path))
+        else:  # sown values are tuples of scalars (one per call)
+            out[path] = float(sum(np.asarray(jax.device_get(x), dtype=np.float64).sum() for x in value))
+    return out
+
+
+@dataclasses.dataclass
+class Ledger:
+    """FLOPs by layer and component; `computed` uses pairs evaluated, `ideal` pairs visible."""
+
+    per_layer: dict[str, dict[str, float]]
+    counts: dict[str, dict[str, float]]
+
+    @property
+    def computed(self) -> float:
+        return sum(v for layer in self.per_layer.values() for k, v in layer.items() if k != "attn_ideal")
+
+    @property
+    def ideal(self) -> float:
+        return sum(v for layer in self.per_layer.values() for k, v in layer.items() if k != "attn_computed")
+
+    def count(self, name: str) -> float:
+        return sum(layer.get(name, 0.0) for layer in self.counts.values())
+
+
+def ledger_from_intermediates(cfg: ModelConfig, intermediates: Mapping[str, Any]) -> Ledger:
+    """Groups the recorded counts by top-level module (block_i, head) and prices them."""
+    units = unit_flops(cfg)
+    counts: dict[str, dict[str, float]] = {}
+    for path, value in _flatten(intermediates).items():
+        group = path[0] if path[0].startswith("block_") else "head"
+        name = path[-1]
+        counts.setdefault(group, {})
+        counts[group][name] = counts[group].get(name, 0.0) + value
+    per_layer: dict[str, dict[str, float]] = {}
+    for group, c in counts.items():
+        flops = {}
+        for name, value in c.items():
+            if name in units:
+                flops[name] = value * units[name]
+            elif name.startswith("flops_"):
+                flops[name] = value
+        if "attn_pairs_computed" in c:
+            flops["attn_computed"] = c["attn_pairs_computed"] * units["attn_pairs"]
+            flops["attn_ideal"] = c.get("attn_pairs_visible", c["attn_pairs_computed"]) * units["attn_pairs"]
+        per_layer[group] = flops
+    return Ledger(per_layer=per_layer, counts=counts)
+
+
+def dense_forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, causal_ideal: bool = False) -> float:
+    """FLOPs of the dense baseline model (every token, every layer, full T x T attention).
+
+    With ``causal_ideal`` the attention term counts only the causal half (T(T+1)/2 pairs).
+    """
+    units = unit_flops(cfg)
+    tokens = batch_size * seq_len
+    pairs = batch_size * (seq_len * (seq_len + 1) / 2 if causal_ideal else seq_len * seq_len)
+    per_layer = tokens * units["tokens_computed"] + pairs * units["attn_pairs"] + tokens * units["mlp_tokens"]
+    return cfg.num_layers * per_layer + tokens * units["head_tokens"]
+
+
+def token_reduction_factor(cfg: ModelConfig, ledger: Ledger, batch_size: int, seq_len: int) -> float:
+    """Dense FLOPs (causal-ideal attention) / FLOPs an ideal kernel computes for this run."""
+    return dense_forward_flops(cfg, batch_size, seq_len, causal_ideal=True) / ledger.ideal
+
+
+def param_count(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the dense model at a given sequence length (causal-ideal)."""
+    return dense_forward_flops(cfg, 1, seq_len, causal_ideal=True) / seq_len

@@ -1,0 +1,147 @@
+"""The ling-jax decoder: Block and Transformer.
+
+A block is pre-norm attention + pre-norm feed-forward on the residual stream. Each block records
+what it computed through ``sow`` into the ``intermediates`` collection (tokens processed,
+query-key pairs); :mod:`ling_jax.ledger` turns those records into FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ling_jax.config import ModelConfig
+from ling_jax.layers.attention import Attention, AttentionMask
+from ling_jax.layers.basics import MLP, Embed, RMSNorm, compute_dtype, dense_init, param_with_axes
+from ling_jax.layers.pruning_compaction import compact_after_block, expand_compacted
+from ling_jax.layers import depth as depth_lib
+
+
+Carry = dict  # per-token state threaded through the blocks (e.g. cascaded pruning keep flags)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``(x, mask, carry) -> (x, mask, carry)``.
+
+    Hook points: a token pruner before attention on pruning layers (it may tighten ``mask``),
+    and an MoE layer in place of the MLP on MoE layers.
+    """
+
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, carry: Carry) -> tuple[Array, AttentionMask, Carry]:
+        cfg = self.config
+        n_tokens = depth_lib.computed_tokens(x, mask, carry)  # all tokens unless adaptive depth froze some
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
+        if self.layer_index in cfg.pruning_layers:
+            from ling_jax.layers.pruning import TokenPruner
+
+            mask, carry = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, carry)
+        x = x + Attention(cfg, name="attn")(h, mask, carry).astype(x.dtype)  # carry: KV-cache op, if any
+        h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
+        if self.layer_index in cfg.moe_layers:
+            from ling_jax.layers.moe import MoE
+
+            ffn_out = MoE(cfg, name="moe")(h, mask.q_valid)
+        else:
+            ffn_out = MLP(cfg, name="mlp")(h)
+            self.sow("intermediates", "mlp_tokens", n_tokens)
+        x = x + ffn_out.astype(x.dtype)
+        self.sow("intermediates", "tokens_computed", n_tokens)
+        return x, mask, carry
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model over byte tokens.
+
+    ``__call__(tokens, positions=None, valid=None)`` returns logits ``[B, T, V]`` in float32.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=compute_dtype(cfg), name="embed")
+        block_cls = nn.remat(Block) if cfg.remat == "block" else Block
+        self.blocks = [block_cls(cfg, i, name=f"block_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
+        # Adaptive depth (MoD routing, early exit) wraps every block when enabled.
+        self.depth_layers = ([depth_lib.DepthLayer(cfg, i, name=f"block_{i}_depth") for i in range(cfg.num_layers)]
+                             if depth_lib.enabled(cfg) else [])
+        if not cfg.tie_embeddings:
+            self.head = param_with_axes(
+                self, "head", dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab")
+            )
+
+    def logits(self, x: Float[Array, "B T E"], norm=None, tokens=None) -> Float[Array, "B T V"]:
+        """Output head on the final-normed hidden state (shared by early-exit heads).
+
+        ``norm`` replaces the final norm (an exit head's own norm); ``tokens`` is the number of
+        tokens the head really serves, for the ledger (default: all of them).
+        """
+        h = (norm or self.final_norm)(x)
+        if self.config.tie_embeddings:
+            out = self.embed.attend(h)
+        else:
+            out = h @ self.head.astype(h.dtype)
+        self.sow("intermediates", "head_tokens", jnp.float32(x.shape[0] * x.shape[1]) if tokens is None else tokens)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Optional[Int[Array, "B T"]] = None,
+        valid: Optional[Bool[Array, "B T"]] = None,
+        targets: Optional[Int[Array, "B T"]] = None,
+        loss_mask: Optional[Float[Array, "B T"]] = None,
+        forced_exit: Optional[Int[Array, "B T"]] = None,
+        carry: Optional[Carry] = None,
+    ) -> Float[Array, "B T V"]:
+        """``targets``/``loss_mask`` train the early-exit heads (``loss_exit``); ``forced_exit`` [B, T]
+        replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never)."""
+        b, t = tokens.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {t} is larger than the model supports (max_seq_len={self.config.max_seq_len})")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = AttentionMask.causal_self(positions, valid)
+        x = self.embed(tokens)  # [B, T, E]
+        # ``carry`` seeds the block carry: {"step": training step, "oracle_keep": [B, T] oracle mask,
+        # "cache_op": "prefill" | "decode" with "cache_slots" (KV-cache decoding, ling_jax/generate.py)}.
+        carry = {**depth_lib.start_carry(self.config, b, t), **(carry or {})}
+        compaction = None  # pruning: where the compacted sequence lives (ling_jax/layers/pruning_compaction.py)
+        for i, block in enumerate(self.blocks):
+            if self.depth_layers:
+                x, mask, carry = self.depth_layers[i](block, self.logits, x, mask, carry, targets, loss_mask, forced_exit)
+            else:
+                x, mask, carry = block(x, mask, carry)
+            # -- pruning: drop the tokens this block's pruner did not keep from all later layers --
+            x, mask, carry, compaction = compact_after_block(self.config, x, mask, carry, compaction)
+        x = expand_compacted(x, compaction)  # pruning: compacted tokens back to [B, T, E]
+        if self.depth_layers:
+            return depth_lib.finish(self, x, mask, carry)
+        return self.logits(x)
+
+
+def forward_with_stats(
+    model: Transformer, variables: dict, tokens: Int[Array, "B T"], **kwargs
+) -> tuple[Float[Array, "B T V"], dict]:
+    """Runs the model and returns (logits, intermediates) with every recorded statistic.
+
+    ``variables`` is ``{"params": ..., <other collections>}`` as returned by ``model.init``.
+    """
+    logits, state = model.apply(variables, tokens, mutable=["intermediates"], **kwargs)
+    return logits, state["intermediates"]
+
+
+def init_params(model: Transformer, rng: jax.Array, batch_size: int = 1, seq_len: int = 8):
+    """Initialises parameters (boxed with logical axis names)."""
+    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+    return model.init(rng, tokens)["params"]

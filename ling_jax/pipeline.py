@@ -1,0 +1,74 @@
+"""Connects a :class:`DataConfig` to batches: text corpus windows or synthetic task batches.
+
+Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would
+have seen; evaluation batches are fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ling_jax.config import Config, ConfigError
+from ling_jax.data import Batch, eval_batches, load_corpus, make_task, text_batch
+from ling_jax.data import tasks as task_lib
+
+# Evaluation batches of synthetic tasks use seeds far from any training seed.
+_EVAL_SEED_OFFSET = 1_000_003
+
+
+def _coerce_task_options(task: str, raw: dict[str, str]) -> dict:
+    """Converts "name=value" strings to the task config's field types."""
+    fields = {f.name: f for f in dataclasses.fields(task_lib.TASKS[task])}
+    out = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown option {key!r} for task {task!r}; allowed: {sorted(fields)}")
+        default = fields[key].default
+        try:
+            out[key] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise ConfigError(f"task option {key}={value!r} is not a valid {type(default).__name__}") from None
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    metric: str  # "bpb" for text, "accuracy" for tasks
+    train_batch: Callable[[int], Batch]  # step -> batch
+    eval_batches: Callable[[], list[Batch]]
+
+
+def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> DataSource:
+    data, train = config.data, config.train
+    if data.task == "text":
+        train_bytes = load_corpus(data.path or None, "train", data.validation_fraction)
+        valid_bytes = load_corpus(data.path or None, "validation", data.validation_fraction)
+        if len(valid_bytes) < train.seq_len + 1:
+            raise ConfigError(
+                f"validation split of {data.path or 'the default corpus'} has {len(valid_bytes)} bytes; "
+                f"need at least seq_len + 1 = {train.seq_len + 1}"
+            )
+
+        def train_batch(step: int) -> Batch:
+            return text_batch(train_bytes, seed=train.seed, step=step, batch_size=train.batch_size,
+                              seq_len=train.seq_len, host_index=host_index, host_count=host_count)
+
+        def evals() -> list[Batch]:
+            return eval_batches(valid_bytes, batch_size=train.batch_size, seq_len=train.seq_len,
+                                num_batches=train.eval_batches)
+
+        return DataSource("bpb", train_batch, evals)
+
+    task_cfg = make_task(data.task, **_coerce_task_options(data.task, data.task_kwargs()))
+
+    def task_batch(step: int) -> Batch:
+        return task_lib.make_batch(task_cfg, seed=train.seed, step=step, batch_size=train.batch_size,
+                                   seq_len=train.seq_len)
+
+    def task_evals() -> list[Batch]:
+        return [task_lib.make_batch(task_cfg, seed=train.seed + _EVAL_SEED_OFFSET, step=i,
+                                    batch_size=train.batch_size, seq_len=train.seq_len)
+                for i in range(train.eval_batches)]
+
+    return DataSource("accuracy", task_batch, task_evals)

@@ -1,0 +1,74 @@
+"""Token-selection primitives shared by pruning, Mixture-of-Depths and MoE.
+
+Shapes stay static under ``jit``: a variable number of selected tokens becomes a static
+capacity ``C`` plus a validity mask. ``compact`` gathers selected tokens (in their original
+order) into ``[B, C, ...]``; ``expand`` scatters results back to ``[B, T, ...]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+def capacity_for(seq_len: int, fraction: float) -> int:
+    """Static capacity for keeping `fraction` of `seq_len` tokens (at least one)."""
+    return max(1, min(seq_len, int(round(seq_len * fraction))))
+
+
+def top_k_mask(scores: Float[Array, "B T"], k: int, valid: Optional[Bool[Array, "B T"]] = None) -> Bool[Array, "B T"]:
+    """Marks the k highest-scoring valid tokens of each row (ties broken by lower index)."""
+    if valid is not None:
+        scores = jnp.where(valid, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(scores, k)  # [B, k]
+    mask = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
+    if valid is not None:
+        mask &= valid
+    return mask
+
+
+def threshold_mask(scores: Float[Array, "B T"], threshold: float | Array) -> Bool[Array, "B T"]:
+    """Keep tokens whose score is at least `threshold`."""
+    return scores >= threshold
+
+
+def selection_indices(selected: Bool[Array, "B T"], capacity: int) -> tuple[Int[Array, "B C"], Bool[Array, "B C"]]:
+    """Indices of the first `capacity` selected tokens of each row, in order, and their validity.
+
+    Unused slots point at index 0 and are marked invalid. Selected tokens beyond the capacity
+    are dropped (callers size the capacity so that this cannot happen, or accept the drop).
+    """
+    t = selected.shape[1]
+    # Sort key: selected tokens first, by position; unselected after them.
+    key = jnp.where(selected, 0, t) + jnp.arange(t)[None, :]  # [B, T]
+    order = jnp.argsort(key, axis=1)[:, :capacity]  # [B, C]
+    valid = jnp.take_along_axis(selected, order, axis=1)
+    return jnp.where(valid, order, 0), valid
+
+
+def compact(x: Array, indices: Int[Array, "B C"]) -> Array:
+    """Gathers rows: x [B, T, ...] -> [B, C, ...]."""
+    idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def expand(values: Array, indices: Int[Array, "B C"], valid: Bool[Array, "B C"], base: Array) -> Array:
+    """Scatters values [B, C, ...] into a copy of base [B, T, ...] at valid slots; other rows keep base."""
+    b = jnp.arange(values.shape[0])[:, None]
+    # Invalid slots point out of bounds and are dropped, so they never collide with a valid slot.
+    target = jnp.where(valid, indices, base.shape[1])
+    return base.at[b, target].set(values.astype(base.dtype), mode="drop")
+
+
+def sort_by_group(group_ids: Int[Array, "N"], num_groups: int) -> tuple[Int[Array, "N"], Int[Array, "N"], Int[Array, "G"]]:
+    """Stable sort of items by group: (order, inverse permutation, group sizes).
+
+    ``x[order]`` lists items grouped by id; ``y[inverse]`` undoes it. Empty groups have size 0.
+    """
+    order = jnp.argsort(group_ids, stable=True)
+    inverse = jnp.argsort(order)
+    sizes = jnp.bincount(group_ids, length=num_groups).astype(jnp.int32)
+    return order, inverse, sizes

@@ -1,0 +1,50 @@
+"""Test helpers shared by every test module: one dtype-aware tolerance table."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+# Tolerances by the *lowest-precision* dtype involved in a comparison. Gradients accumulate
+# more rounding than forwards, so they get a looser factor (`kind="grad"`).
+_TOLERANCES = {
+    jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
+    jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
+    jnp.dtype(jnp.float16): dict(rtol=5e-3, atol=5e-3),
+}
+_KIND_FACTOR = {"forward": 1.0, "grad": 5.0}
+
+
+def tolerances(dtype, kind: str = "forward") -> dict[str, float]:
+    """rtol/atol for comparing results computed in `dtype` (forward or grad)."""
+    if kind not in _KIND_FACTOR:
+        raise ValueError(f"kind must be one of {sorted(_KIND_FACTOR)}, got {kind!r}")
+    base = _TOLERANCES.get(jnp.dtype(dtype))
+    if base is None:
+        raise ValueError(f"no tolerance defined for dtype {dtype}; known: {list(_TOLERANCES)}")
+    f = _KIND_FACTOR[kind]
+    return {k: v * f for k, v in base.items()}
+
+
+def assert_close(actual, expected, dtype=None, kind: str = "forward") -> None:
+    """Tree-wise allclose with the tolerance of `dtype` (default: lowest precision in `actual`)."""
+    if dtype is None:
+        leaves = [np.asarray(x) for x in _leaves(actual)]
+        dtypes = [jnp.dtype(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+        dtype = min(dtypes, key=lambda d: jnp.finfo(d).bits) if dtypes else jnp.float32
+    tol = tolerances(dtype, kind)
+    to32 = lambda t: _tree_map(lambda x: np.asarray(x, dtype=np.float32), t)
+    chex.assert_trees_all_close(to32(actual), to32(expected), **tol)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _tree_map(fn, tree):
+    import jax
+
+    return jax.tree_util.tree_map(fn, tree)
