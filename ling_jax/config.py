@@ -8,6 +8,7 @@ through :func:`apply_overrides` (``model.d_model=512`` or ``--model.d_model 512`
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,8 +96,9 @@ class PruningConfig:
     the mean keep probability to ``target_keep_ratio``. ``mode="hard"`` (inference) decides:
     ``inference_rule="threshold"`` keeps a token if ``sigmoid(score) >= threshold``;
     ``"budget"`` lets each query see at most ``budget`` keys: the ``num_sinks`` first tokens, its
-    ``window`` most recent tokens and the highest-scoring older ones (exactly what a KV cache of
-    ``budget`` slots that evicts its lowest-scoring entry holds). ``compaction`` removes pruned
+    ``window`` most recent tokens and the highest-scoring older ones that pass the threshold
+    (``threshold=0``: plain top-k), which is exactly what a KV cache of ``budget`` slots that evicts
+    its lowest-scoring entry holds. ``compaction`` removes pruned
     tokens from the sequence of later layers (static capacity ``budget``). ``baseline`` swaps the
     learned scorer for a training-free policy at the same budget.
     """
@@ -112,7 +114,7 @@ class PruningConfig:
     final_temperature: float = 0.1  # reached after anneal_steps (toward a hard decision)
     anneal_steps: int = 0  # 0: constant temperature
     inference_rule: str = "threshold"  # threshold | budget
-    threshold: float = 0.5  # keep if sigmoid(score) >= threshold
+    threshold: float = 0.5  # keep if sigmoid(score) >= threshold (the budget rule ranks the kept keys)
     budget: int = 64  # max keys per query / KV-cache slots per layer (including sinks and window)
     num_sinks: int = 1
     window: int = 8  # recent tokens always visible (>= 1: a query always sees itself)
@@ -154,7 +156,20 @@ class PruningConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Sparse top-k mixture of experts (see ``ling_jax/layers/moe.py``)."""
+    """Sparse top-k mixture of experts (see ``ling_jax/layers/moe.py``).
+
+    The router picks ``top_k`` of ``num_experts + num_zero_experts`` choices per token. Zero-compute
+    experts do no FFN work: the token gets ``weight * x`` (``zero_expert_output="identity"``, as in
+    LongCat-Flash) or nothing (``"zero"``). ``num_shared_experts`` always-on SwiGLU experts of
+    ``expert_dim`` run on every token. MoE layers are chosen by ``layers`` (`layer_list` syntax):
+    "every:2:1" keeps layer 0 dense and makes every second layer from 1 on an MoE layer.
+    ``capacity_factor`` 0 is dropless; > 0 caps each expert at ceil(cf * tokens * top_k /
+    num_experts) assignments (first choices first, then by position; overflow contributes zero).
+    ``bias_update_rate`` > 0 enables aux-loss-free balancing: a per-choice bias (collection
+    ``moe_bias``) added to the scores for selection only, moved by the rate toward the mean load
+    after every step. ``jitter`` > 0 multiplies the router input by U(1 - jitter, 1 + jitter)
+    when the caller passes a ``"jitter"`` rng (the train step does; evaluation does not).
+    """
 
     enabled: bool = False
     num_experts: int = 8
@@ -162,17 +177,19 @@ class MoEConfig:
     expert_dim: int = 0  # 0: use ModelConfig.mlp_dim
     num_shared_experts: int = 0
     num_zero_experts: int = 0
+    zero_expert_output: str = "identity"  # identity | zero
     layers: str = "from:0"
     router: str = "softmax"  # softmax | sigmoid
-    num_groups: int = 1
-    top_groups: int = 1
+    normalize_weights: bool = True  # renormalise the top-k weights to sum to 1 (then * route_scale)
+    num_groups: int = 1  # group-limited routing: groups of choices ...
+    top_groups: int = 1  # ... of which the best `top_groups` stay eligible
     route_scale: float = 1.0
     capacity_factor: float = 0.0  # 0.0 = dropless
     dispatch: str = "auto"  # reference | dense | sorted | pallas | auto
     jitter: float = 0.0
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
-    bias_update_rate: float = 0.0  # aux-loss-free balancing (sigmoid router); 0 disables
+    bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "num_groups", "top_groups")
@@ -180,6 +197,11 @@ class MoEConfig:
                       "load_balance_weight", "z_loss_weight", "bias_update_rate", "capacity_factor")
         _one_of(self, "router", ("softmax", "sigmoid"))
         _one_of(self, "dispatch", ("reference", "dense", "sorted", "pallas", "auto"))
+        _one_of(self, "zero_expert_output", ("identity", "zero"))
+        if not self.jitter < 1:
+            raise ConfigError(f"MoEConfig.jitter must be in [0, 1), got {self.jitter!r}")
+        if not self.route_scale > 0:
+            raise ConfigError(f"MoEConfig.route_scale must be > 0, got {self.route_scale!r}")
         total = self.num_experts + self.num_zero_experts
         if self.top_k > total:
             raise ConfigError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts + num_zero_experts ({total})")
@@ -187,6 +209,12 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.num_groups ({self.num_groups}) must divide num_experts + num_zero_experts ({total})")
         if self.top_groups > self.num_groups:
             raise ConfigError(f"MoEConfig.top_groups ({self.top_groups}) must be <= num_groups ({self.num_groups})")
+        eligible = self.top_groups * (total // self.num_groups)
+        if self.top_k > eligible:
+            raise ConfigError(
+                f"MoEConfig.top_k ({self.top_k}) must be <= top_groups * choices per group "
+                f"({self.top_groups} * {total // self.num_groups} = {eligible})"
+            )
 
 
 @dataclass(frozen=True)
@@ -213,6 +241,7 @@ class DepthConfig:
     exit_threshold: float = 1.0  # exit when confidence > threshold; the top of the range never exits
     exit_decay: float = 0.0  # threshold(pos) = lo + (threshold - lo) * exp(-decay * pos / max_seq_len)
     exit_loss_weight: float = 1.0  # weight of the mean per-exit-layer cross-entropy
+    exit_train_freeze: float = 0.0  # training: this fraction of tokens exits at a random exit (carried up)
 
     def __post_init__(self):
         _one_of(self, "mode", ("train", "infer"))
@@ -222,6 +251,7 @@ class DepthConfig:
         _one_of(self, "mod_weight", ("straight_through", "sigmoid"))
         _one_of(self, "exit_confidence", ("margin", "saturation", "classifier"))
         _non_negative(self, "predictor_dim", "aux_loss_weight", "exit_decay", "exit_loss_weight")
+        _in_range(self, "exit_train_freeze", 0.0, 1.0, hi_open=True)
         lo, hi = self.confidence_range
         if not (isinstance(self.exit_threshold, (int, float)) and not isinstance(self.exit_threshold, bool)
                 and lo <= self.exit_threshold <= hi):
@@ -365,7 +395,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; one may be -1 to take the remaining devices."""
+    """Device mesh axis sizes; one may be -1 to take the remaining devices.
+
+    ``data`` splits the batch; ``fsdp`` splits the batch and shards weights and optimizer state
+    (ZeRO-3); ``tensor`` shards heads and hidden units (Megatron); ``expert`` shards MoE experts
+    and splits the batch outside the MoE layers. See ``ling_jax/sharding.py`` for the rules.
+    """
 
     data: int = -1
     fsdp: int = 1
@@ -374,14 +409,57 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = self.axis_sizes()
-        if sum(1 for v in sizes.values() if v == -1) > 1:
-            raise ConfigError(f"MeshConfig: at most one axis may be -1, got {sizes}")
         for name, value in sizes.items():
-            if not isinstance(value, int) or (value <= 0 and value != -1):
+            if not isinstance(value, int) or isinstance(value, bool) or (value <= 0 and value != -1):
                 raise ConfigError(f"MeshConfig.{name} must be a positive integer or -1, got {value!r}")
+        filled = [name for name, v in sizes.items() if v == -1]
+        if len(filled) > 1:
+            raise ConfigError(f"MeshConfig: at most one axis may be -1 (fill the devices), got -1 for {filled}")
 
     def axis_sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        """Concrete axis sizes for `num_devices` devices (the -1 axis takes what is left)."""
+        sizes = self.axis_sizes()
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        product = " * ".join(f"{k}={v}" for k, v in sizes.items())
+        filled = [name for name, v in sizes.items() if v == -1]
+        if filled:
+            if num_devices % fixed:
+                raise ConfigError(f"MeshConfig: the fixed axes ({product}) multiply to {fixed}, which does not "
+                                  f"divide the {num_devices} devices, so MeshConfig.{filled[0]}=-1 cannot fill them")
+            sizes[filled[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ConfigError(f"MeshConfig: axis sizes {product} multiply to {fixed}, but there are {num_devices} "
+                              "devices; the product must equal the device count (or set one axis to -1)")
+        return sizes
+
+    def check_fits(self, model: "ModelConfig", batch_size: int, sizes: Mapping[str, int] | None = None) -> None:
+        """Raises ConfigError if the model or batch cannot be split evenly over the mesh axes.
+
+        ``sizes`` defaults to the configured sizes; an axis still at -1 is not checked.
+        """
+        sizes = dict(sizes or self.axis_sizes())
+        known = lambda name: sizes[name] if sizes[name] > 0 else 1  # noqa: E731
+        checks = [("tensor", "ModelConfig.num_heads", model.num_heads),
+                  ("tensor", "ModelConfig.num_kv_heads", model.num_kv_heads),
+                  ("tensor", "ModelConfig.mlp_dim", model.mlp_dim),
+                  ("tensor", "ModelConfig.vocab_size", model.vocab_size),
+                  ("fsdp", "ModelConfig.d_model", model.d_model)]
+        if model.moe.enabled:
+            checks += [("expert", "ModelConfig.moe.num_experts", model.moe.num_experts),
+                       # the router's columns (real + zero-compute experts) are split over `expert` too
+                       ("expert", "ModelConfig.moe.num_experts + num_zero_experts",
+                        model.moe.num_experts + model.moe.num_zero_experts),
+                       ("tensor", "ModelConfig.moe.expert_dim", model.moe.expert_dim or model.mlp_dim)]
+        for axis, what, value in checks:
+            if value % known(axis):
+                raise ConfigError(f"MeshConfig.{axis} ({known(axis)}) must divide {what} ({value})")
+        batch_shards = known("data") * known("fsdp") * known("expert")
+        if batch_size % batch_shards:
+            raise ConfigError(f"TrainConfig.batch_size ({batch_size}) must be divisible by the batch shards "
+                              f"MeshConfig.data * fsdp * expert = {batch_shards}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +478,7 @@ class Config:
                 f"TrainConfig.seq_len ({self.train.seq_len}) is larger than the model supports "
                 f"(ModelConfig.max_seq_len = {self.model.max_seq_len})"
             )
+        self.mesh.check_fits(self.model, self.train.batch_size)  # axes at -1 are checked when the mesh is built
 
 
 # ----------------------------------------------------------------------------- presets
@@ -419,18 +498,18 @@ def _cpu_small() -> Config:
     """The README main job: a few minutes on 2 CPU cores."""
     return Config(
         model=ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=256),
-        train=TrainConfig(batch_size=16, seq_len=128, steps=600, learning_rate=3e-3, warmup_steps=30,
+        train=TrainConfig(batch_size=16, seq_len=128, steps=400, learning_rate=3e-3, warmup_steps=30,
                           checkpoint_every=200, eval_batches=16, log_every=20),
         preset="cpu-small",
     )
 
 
 def _cpu_base() -> Config:
-    """About 30 minutes on 2 CPU cores."""
+    """About 30 minutes on 2 CPU cores (1.7M params, 4.9M training tokens)."""
     return Config(
-        model=ModelConfig(d_model=192, num_layers=6, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=256),
-        train=TrainConfig(batch_size=16, seq_len=256, steps=2500, learning_rate=2e-3, warmup_steps=100,
-                          checkpoint_every=500, eval_batches=32, log_every=50),
+        model=ModelConfig(d_model=192, num_layers=4, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=256),
+        train=TrainConfig(batch_size=16, seq_len=256, steps=1200, learning_rate=3e-3, warmup_steps=60,
+                          checkpoint_every=200, eval_batches=32, log_every=25),
         preset="cpu-base",
     )
 

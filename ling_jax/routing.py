@@ -67,8 +67,17 @@ def sort_by_group(group_ids: Int[Array, "N"], num_groups: int) -> tuple[Int[Arra
     """Stable sort of items by group: (order, inverse permutation, group sizes).
 
     ``x[order]`` lists items grouped by id; ``y[inverse]`` undoes it. Empty groups have size 0.
+    Ids must lie in ``[0, num_groups)``.
     """
-    order = jnp.argsort(group_ids, stable=True)
-    inverse = jnp.argsort(order)
+    n = group_ids.shape[0]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    if num_groups * max(n, 1) < 2**31:
+        # One unstable sort of the unique key (id, index) is a stable sort by id, and on CPU it
+        # is ~3x faster than argsort(stable=True), which sorts (key, index) pairs.
+        key = group_ids.astype(jnp.int32) * n + iota  # [N]
+        order = jax.lax.sort(key) % max(n, 1)
+    else:
+        order = jnp.argsort(group_ids, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(iota, unique_indices=True)
     sizes = jnp.bincount(group_ids, length=num_groups).astype(jnp.int32)
     return order, inverse, sizes

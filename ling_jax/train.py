@@ -54,9 +54,11 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return tx, schedule
 
 
-def init_state(config: Config, model: Transformer, rng: jax.Array) -> TrainState:
+def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: bool = True) -> TrainState:
+    """``unbox=False`` keeps the logical-axis boxes (``ling_jax.sharding`` reads them under eval_shape)."""
     tokens = jnp.zeros((1, min(8, config.train.seq_len)), jnp.int32)
-    variables = nn.meta.unbox(model.init(rng, tokens))
+    variables = model.init(rng, tokens)
+    variables = nn.meta.unbox(variables) if unbox else dict(variables)
     params = variables.pop("params")
     tx, _ = make_optimizer(config)
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=dict(variables))
@@ -104,9 +106,20 @@ def make_train_step(config: Config, model: Transformer) -> Callable:
     # Token pruning anneals its soft-mask temperature with the step (carry["step"]).
     step_kwargs = lambda step: dict(carry={"step": step}) if config.model.pruning.enabled else {}
 
+    # MoE router jitter draws from a "jitter" rng: a pure function of (seed, step), so resumes replay it.
+    moe = config.model.moe
+    # Early-exit training with random exits (depth.exit_train_freeze) draws from a "depth" rng, likewise.
+    depth = config.model.depth
+    rngs = lambda step: {
+        **({"jitter": jax.random.fold_in(jax.random.key(config.train.seed), step)} if moe.enabled and moe.jitter > 0 else {}),
+        **({"depth": jax.random.fold_in(jax.random.fold_in(jax.random.key(config.train.seed), step), 1)}
+           if depth.exit_enabled and depth.exit_train_freeze > 0 else {}),
+    }
+    rng_kwargs = lambda step: dict(rngs=rngs(step)) if step is not None and rngs(step) else {}
+
     def loss_fn(params, extra, batch, step=None):
         logits, state = model.apply({"params": params, **extra}, batch["inputs"], mutable=["intermediates"],
-                                    **exit_kwargs(batch), **step_kwargs(step))
+                                    **exit_kwargs(batch), **step_kwargs(step), **rng_kwargs(step))
         ce, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         aux = aux_losses(state["intermediates"])
         total = ce + sum(aux.values()) if aux else ce
@@ -203,13 +216,24 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     """Trains (resuming from the latest checkpoint in `workdir`) and returns the final eval metrics."""
     from tqdm.auto import tqdm
 
+    from ling_jax import sharding as sharding_lib
     from ling_jax.pipeline import build_data
 
     workdir = Path(workdir)
-    data = build_data(config)  # data problems fail before anything is written to the workdir
-    check_workdir_config(workdir, config)
     model = Transformer(config.model)
-    state = init_state(config, model, jax.random.key(config.train.seed))
+    # More than one device: shard by config.mesh (or the caller's shardings); each host reads its rows.
+    plan = None
+    if state_shardings is not None:
+        plan = sharding_lib.Plan(mesh=batch_sharding.mesh, state=state_shardings, batch=batch_sharding)
+    elif jax.device_count() > 1:
+        plan = sharding_lib.plan(config, model)
+    host_index, host_count = sharding_lib.host_slice(plan.batch, config.train.batch_size) if plan else (0, 1)
+    is_main_host = is_main_host and jax.process_index() == 0
+    data = build_data(config, host_index=host_index, host_count=host_count)  # fails before the workdir is written
+    if is_main_host:  # one writer of config.json on a shared workdir
+        check_workdir_config(workdir, config)
+    rng = jax.random.key(config.train.seed)
+    state = sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan else init_state(config, model, rng)
     manager = checkpoint_manager(workdir, config)
     state, start = restore_latest(manager, state)
     metrics_path = workdir / "metrics.jsonl"
@@ -218,11 +242,14 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     if start:
         log_fn(f"resumed from step {start} in {workdir}")
 
-    jit_kwargs = {}
-    if state_shardings is not None:
-        jit_kwargs = dict(in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None))
-    train_step = jax.jit(make_train_step(config, model), donate_argnums=(0,), **jit_kwargs)
-    eval_step = jax.jit(make_eval_step(model))
+    if plan:  # jitted with explicit in/out shardings; host batches become global arrays
+        to_global = lambda b: sharding_lib.global_batch(b, plan.batch, config.train.batch_size)  # noqa: E731
+        sharded_train, sharded_eval = sharding_lib.jit_train_step(config, model, plan), sharding_lib.jit_eval_step(model, plan)
+        train_step = lambda s, b: sharded_train(s, to_global(b))  # noqa: E731
+        eval_step = lambda p, e, b: sharded_eval(p, e, to_global(b))  # noqa: E731
+    else:
+        train_step = jax.jit(make_train_step(config, model), donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(model))
 
     t = config.train
     tokens_per_step = t.batch_size * t.seq_len

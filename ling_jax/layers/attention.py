@@ -5,9 +5,13 @@ soft log-keep scores, sinks and a local window). The ``reference`` and ``xla`` p
 dense ``[B, Tq, Tk]`` mask from it; the ``pallas`` path hands the token masks to the block-sparse
 kernel, which skips key blocks with nothing visible.
 
-Visibility of key j to query i (positions p):
-    valid_q[i] & valid_k[j] & (p_j <= p_i if causal) & (keep[j] | p_j < num_sinks | p_i - p_j < window)
+Visibility of key j to query i (positions p), with protected = p_j < num_sinks | p_i - p_j < window:
+    valid_q[i] & valid_k[j] & (p_j <= p_i if causal) & (keep[j] | protected) & (p_i < expire[j] | protected)
 A soft log-keep score is added to the logits of keys that are neither sinks nor in the window.
+``expire`` (budget pruning) is per-query, so it needs the dense paths (``auto`` falls back to xla).
+
+With a ``carry`` holding a cache op, :class:`Attention` also keeps a per-layer KV cache for decoding
+(:mod:`ling_jax.layers.kv_cache`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""Learned dynamic token pruning: scores, soft (training) and hard (inference) key masks.
+
+A :class:`TokenPruner` runs before attention on each pruning layer (``ModelConfig.pruning_layers``).
+It scores every token (higher = keep) and tightens the block's :class:`AttentionMask`; layers above
+inherit the mask until the next pruning layer. Sinks (the first ``num_sinks`` positions) and each
+query's ``window`` most recent tokens are never hidden.
+
+* **soft** (training): ``log_keep = log sigmoid(score / temperature)`` is added to the attention
+  logits of the other keys; the temperature anneals toward a hard decision and
+  ``loss_pruning_keep = weight * (mean keep probability - target)^2`` drives the keep ratio.
+* **hard / threshold**: key j is kept iff ``sigmoid(score_j) >= threshold`` (the soft mask with
+  binarised keep probabilities).
+* **hard / budget**: each query sees at most ``budget`` keys: the sinks, its window and the
+  ``budget - sinks - window`` highest-priority older keys among those the threshold keeps
+  (``threshold=0``: plain top-k; the budget is a cap, not a quota to fill with unwanted keys).
+  Because a key that falls out of this set never returns, the rule is a per-key *expiry position*
+  (:func:`budget_expiry`), and it selects exactly what a ``budget``-slot KV cache that evicts its
+  lowest-priority entry holds (:mod:`ling_jax.layers.kv_cache`).
+* **cascade**: keep flags AND and log keep-probabilities add across pruning layers.
+* **compaction** (hard): the pruner marks the tokens that stay in the sequence
+  (``carry[COMPACT_SELECT]``); the Transformer drops the others for all later layers
+  (:mod:`ling_jax.layers.pruning_compaction`). Threshold rule: kept tokens and sinks (causal, at
+  most ``budget`` of them, the earliest first). Budget rule: the keys the last query sees.
+
+Every decision about token j depends only on tokens at positions <= j, except compaction under the
+budget rule, which keeps what the end of the sequence needs (like any prompt-compression cache).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from ling_jax.config import ModelConfig, PruningConfig
+from ling_jax.layers import kv_cache
+from ling_jax.layers.attention import AttentionMask
+from ling_jax.layers.pruning_baselines import (
+    ATTENTION_POLICIES, oracle_priority, random_priority, window_priority,
+)
+from ling_jax.layers.pruning_scorers import LinearScorer, LowRankScorer
+
+# Carry keys (per-token arrays follow the tokens through compaction).
+KEEP = "prune_keep"  # [B, T] bool: cascaded hard keep flags
+PRIORITY = kv_cache.KV_SCORE  # [B, T] float32: ranking / eviction priority of the last pruning layer
+LOG_KEEP = "prune_log_keep"  # [B, T] float32: cascaded soft log keep-probability
+COMPACT_SELECT = "prune_compact"  # [B, T] bool: tokens that stay in the sequence after this block
+ORACLE = "oracle_keep"  # [B, T] bool input: the task's oracle mask (baseline="oracle")
+STEP = "step"  # scalar int input: the training step (temperature schedule)
+
+NEVER = np.iinfo(np.int32).min  # expiry of a key no query beyond its window may see
+FOREVER = np.iinfo(np.int32).max
+
+
+def temperature(pc: PruningConfig, step: Optional[Array]) -> Array:
+    """Soft-mask temperature: geometric from ``temperature`` to ``final_temperature`` over
+    ``anneal_steps`` (without a step, e.g. in evaluation: the final one)."""
+    if pc.anneal_steps == 0:
+        return jnp.float32(pc.temperature)
+    if step is None:
+        return jnp.float32(pc.final_temperature)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / pc.anneal_steps, 0.0, 1.0)
+    return jnp.float32(pc.temperature) * (pc.final_temperature / pc.temperature) ** frac
+
+
+def soft_log_keep(score: Float[Array, "B T"], temp: Float[Array, ""]) -> Float[Array, "B T"]:
+    """Log keep-probability of the soft mask."""
+    return jax.nn.log_sigmoid(score / temp)
+
+
+def hard_keep(score: Float[Array, "B T"], threshold: float) -> Bool[Array, "B T"]:
+    """Keep flags of the threshold rule: the soft keep-probability binarised at ``threshold``."""
+    return jax.nn.sigmoid(score) >= threshold
+
+
+def budget_expiry(
+    priority: Float[Array, "B T"],
+    candidate: Bool[Array, "B T"],
+    positions: Int[Array, "B T"],
+    keep_others: int,
+    window: int,
+) -> Int[Array, "B T"]:
+    """Per-key expiry of the budget rule (tokens in position order along T).
+
+    A query at position p sees candidate j outside its window iff fewer than ``keep_others``
+    candidates that beat j (higher priority; ties: the more recent) have left the window, i.e.
+    iff ``p < expiry[j]`` = (position of the ``keep_others``-th candidate beating j) + window.
+    That is the greedy cache: once ``keep_others`` better keys are held, j is evicted for good.
+    Causal: whether p sees j depends only on tokens at positions <= p. Cost O(B T^2) integers.
+    """
+    if keep_others <= 0:
+        return jnp.full(priority.shape, NEVER, jnp.int32)
+    pi, pj = priority[:, :, None], priority[:, None, :]  # [B, T(beater), 1], [B, 1, T(key)]
+    later = positions[:, :, None] > positions[:, None, :]
+    beats = candidate[:, :, None] & ((pi > pj) | ((pi == pj) & later))  # [B, T, T]
+    reached = jnp.cumsum(beats, axis=1, dtype=jnp.int32) >= keep_others  # [B, T, T]
+    kth = jnp.argmax(reached, axis=1)  # [B, T]: index of the keep_others-th beater
+    expiry = jnp.take_along_axis(positions, kth, axis=1) + window
+    return jnp.where(jnp.any(reached, axis=1), expiry, FOREVER).astype(jnp.int32)
+
+
+class TokenPruner(nn.Module):
+    """Scores tokens and tightens the attention mask: ``(h, mask, carry) -> (mask, carry)``."""
+
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, h: Float[Array, "B T E"], mask: AttentionMask, carry: dict) -> tuple[AttentionMask, dict]:
+        cfg, pc = self.config, self.config.pruning
+        cache_op = carry.get(kv_cache.CACHE_OP)
+        valid, positions = mask.kv_valid, mask.kv_positions
+        b, t = valid.shape
+        cascade = pc.cascade and KEEP in carry
+        carry = dict(carry)
+        mask = mask.replace(num_sinks=pc.num_sinks, window=pc.window, kv_keep=None, kv_log_keep=None, kv_expire=None)
+
+        if pc.baseline == "learned":
+            scorer = LowRankScorer(pc.scorer_rank, name="scorer") if pc.scorer == "lowrank" else LinearScorer(name="scorer")
+            score = scorer(h, valid, cache_op)  # [B, T] keep logits
+            per_token = scorer.flops_per_token(cfg.d_model, pc.scorer_rank)
+            self.sow("intermediates", "flops_pruning_scorer", jnp.float32(b * t * per_token))
+            if pc.mode == "soft":
+                return self._soft(score, mask, carry)
+            own_keep = hard_keep(score, pc.threshold)
+            priority = jax.nn.log_sigmoid(score)  # cascaded keep log-probability at temperature 1
+            if pc.cascade and PRIORITY in carry:
+                priority = priority + carry[PRIORITY]
+        elif pc.baseline == "oracle":
+            if ORACLE not in carry:
+                raise ValueError("baseline='oracle' needs the task's oracle mask: pass carry={'oracle_keep': mask [B, T]}")
+            oracle = carry[ORACLE].astype(bool)
+            own_keep = oracle if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
+            priority = oracle_priority(oracle)
+        elif pc.baseline == "random":
+            own_keep, priority = jnp.ones((b, t), bool), random_priority(positions, self.layer_index, pc.seed)
+        elif pc.baseline == "window":
+            own_keep, priority = jnp.ones((b, t), bool), window_priority(positions)
+        else:  # h2o / tova: the KV cache scores keys by the attention they receive
+            if cache_op != kv_cache.DECODE:
+                raise ValueError(
+                    f"baseline={pc.baseline!r} scores keys by the attention they receive while decoding; run it "
+                    "through ling_jax.generate (generate / teacher_forced_decode), not a parallel forward pass")
+            own_keep, priority = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.float32)
+        keep = own_keep & carry[KEEP] if cascade else own_keep
+        carry[KEEP], carry[PRIORITY] = keep, priority
+        mask = mask.replace(kv_keep=keep)
+        if pc.inference_rule == "budget" and cache_op != kv_cache.DECODE:
+            candidate = keep & valid & (positions >= pc.num_sinks)
+            expiry = budget_expiry(priority, candidate, positions, pc.budget - pc.num_sinks - pc.window, pc.window)
+            mask = mask.replace(kv_expire=expiry)
+
+        if pc.inference_rule == "budget":
+            kept = kv_cache.held_by_last_query(mask)
+        else:
+            kept = (keep | (positions < pc.num_sinks)) & valid
+        self.sow("intermediates", "tokens_kept", jnp.sum(kept, dtype=jnp.float32))
+        if pc.compaction and cache_op != kv_cache.DECODE:
+            carry[COMPACT_SELECT] = kept
+        return mask, carry
+
+    def _soft(self, score: Float[Array, "B T"], mask: AttentionMask, carry: dict) -> tuple[AttentionMask, dict]:
+        """Training: log keep-probabilities on the logits, and the keep-ratio regulariser."""
+        cfg, pc = self.config, self.config.pruning
+        log_keep = soft_log_keep(score, temperature(pc, carry.get(STEP)))
+        if pc.cascade and LOG_KEEP in carry:
+            log_keep = log_keep + carry[LOG_KEEP]
+        carry[LOG_KEEP] = carry[PRIORITY] = log_keep
+        prunable = (mask.kv_valid & (mask.kv_positions >= pc.num_sinks)).astype(jnp.float32)
+        keep_prob = jnp.exp(log_keep)
+        mean_keep = jnp.sum(keep_prob * prunable) / jnp.maximum(jnp.sum(prunable), 1.0)
+        weight = pc.regularizer_weight / max(len(cfg.pruning_layers), 1)
+        self.sow("intermediates", "loss_pruning_keep", weight * (mean_keep - pc.target_keep_ratio) ** 2)
+        self.sow("intermediates", "pruning_keep_ratio", mean_keep)
+        self.sow("intermediates", "tokens_kept", jnp.sum(keep_prob * mask.kv_valid, dtype=jnp.float32))
+        return mask.replace(kv_log_keep=log_keep), carry

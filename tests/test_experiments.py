@@ -1,0 +1,111 @@
+"""The experiment scripts end to end on the smoke preset, resume, figures, and the README report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from experiments import ablate_depth, ablate_moe, combined, common, plots, report, sweep_pruning
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = {"sweep_pruning": sweep_pruning, "ablate_moe": ablate_moe, "ablate_depth": ablate_depth, "combined": combined}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """Every script's smoke preset, run once into one results root (runs are shared between scripts)."""
+    root = tmp_path_factory.mktemp("results")
+    for module in SCRIPTS.values():
+        module.main(["--preset", "smoke", "--results", str(root), "--no-progress"])
+    return root
+
+
+def test_readme_section_matches_results():
+    """README.md's results section is exactly what report.py generates from experiments/results/."""
+    assert report.main(["--check", "--no-figures"]) == 0
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_smoke_writes_results(smoke, name):
+    records = common.read_jsonl(smoke / "smoke" / f"{name}.jsonl")
+    assert records, f"{name} wrote no records"
+    for r in records:
+        assert r["quality"] is not None and r["trf"] is not None and r["trf"] > 0
+    assert (smoke / "smoke" / f"{name}.csv").exists()
+    assert (smoke / "smoke" / f"{name}_summary.csv").exists()
+    meta = json.loads((smoke / "smoke" / f"{name}.meta.json").read_text())
+    assert meta["command"].startswith(f"python experiments/{name}.py") and "--preset smoke" in meta["command"]
+
+
+def test_sweep_covers_every_point_and_baseline(smoke):
+    records = common.read_jsonl(smoke / "smoke" / "sweep_pruning.jsonl")
+    sw = sweep_pruning.SWEEPS["smoke"]
+    expected = sweep_pruning.plan(sweep_pruning.TASKS["smoke"], common.sizes("smoke").seeds, sw)
+    keys = {tuple(r[k] for k in sweep_pruning.KEY) for r in records}
+    assert keys == {tuple(p[k] for k in sweep_pruning.KEY) for p in expected}
+    methods = {r["method"] for r in records}
+    assert set(sw.baselines) <= methods and {"dense", "learned"} <= methods
+    dense = [r for r in records if r["method"] == "dense"]
+    assert all(r["trf"] == pytest.approx(1.0) for r in dense)
+    pruned = [r for r in records if r["rule"] == "budget"]
+    assert all(r["keep_ratio"] < 1.0 for r in pruned)
+    assert any(r.get("decode_rel") for r in pruned), "decode time relative to dense is recorded"
+    assert any(r.get("prefill_rel") for r in pruned), "prefill time relative to dense is recorded"
+
+
+def test_resume_skips_finished_points(smoke, tmp_path):
+    """A rerun over complete results adds nothing (and trains nothing: the runs are cached)."""
+    before = (smoke / "smoke" / "ablate_moe.jsonl").read_text()
+    ablate_moe.main(["--preset", "smoke", "--results", str(smoke), "--no-progress"])
+    assert (smoke / "smoke" / "ablate_moe.jsonl").read_text() == before
+    # an interrupted file (last record lost, half a line written) is completed on the next run
+    copy = tmp_path / "results"
+    shutil.copytree(smoke, copy)
+    path = copy / "smoke" / "ablate_moe.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    ablate_moe.main(["--preset", "smoke", "--results", str(copy), "--no-progress"])
+    again = common.read_jsonl(path)
+    assert {(r["variant"], r["point"]) for r in again} == {(json.loads(l)["variant"], json.loads(l)["point"]) for l in lines}
+
+
+def test_figures_and_report_from_results_alone(smoke, tmp_path):
+    made = plots.draw_all(smoke, "smoke")
+    names = {p.name for p in made}
+    assert {"pareto_mqar.png", "keep_mqar.png", "experts_zero4.png", "depth_layers_used.png", "ablate_moe_text.png",
+            "ablate_depth_text.png", "combined_mqar.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in made)
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    assert report.main(["--preset", "smoke", "--results", str(smoke), "--readme", str(readme), "--no-figures"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n") and report.START in text and report.END in text
+    assert "python experiments/sweep_pruning.py --preset smoke" in text
+    assert "Is a 10× cut at under 2% quality loss real?" in text and "**Answer from these runs:**" in text
+    assert report.main(["--preset", "smoke", "--results", str(smoke), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("## Results", "## Results (edited)"))
+    assert report.main(["--preset", "smoke", "--results", str(smoke), "--readme", str(readme), "--check"]) == 1
+    # regenerating restores the section byte for byte and leaves the rest alone
+    assert report.main(["--preset", "smoke", "--results", str(smoke), "--readme", str(readme), "--no-figures"]) == 0
+    assert readme.read_text() == text
+
+
+def test_token_classes():
+    row = list(b"def f(x1):\n    return 42 + x1")
+    classes = common.token_classes(row)
+    assert classes[:3] == ["keyword"] * 3 and classes[3] == "whitespace" and classes[4] == "identifier"
+    assert classes[5] == "punctuation" and classes[6:8] == ["identifier"] * 2
+    text = bytes(row).decode()
+    assert classes[text.index("42")] == "digit" and classes[text.index("return")] == "keyword"
+
+
+def test_relative_loss_and_best_within():
+    assert common.relative_loss(0.98, 1.0, "accuracy") == pytest.approx(0.02)
+    assert common.relative_loss(2.04, 2.0, "bpb") == pytest.approx(0.02)
+    recs = [{"task": "t", "seed": s, "method": "learned", "rule": "budget", "value": b, "compaction": False,
+             "trf": trf, "rel_loss": loss} for s in (0, 1) for b, trf, loss in ((8, 3.0, 0.05 * s), (16, 2.0, 0.0))]
+    best = report.best_within(recs, "t", "learned")
+    assert best["n"] == 2 and best["mean"] == pytest.approx(2.5)

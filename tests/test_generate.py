@@ -1,0 +1,158 @@
+"""KV-cache decoding: pruned-cache decoding equals the teacher-forced forward pass with the same
+pruning decisions, memory is O(budget), batched prompts of different lengths, sampling rules."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ling_jax import generate as gen
+from ling_jax.config import ConfigError, PruningConfig, get_preset
+from ling_jax.layers import kv_cache
+from ling_jax.model import Transformer, init_params
+from ling_jax.testing import assert_close
+
+BASE = get_preset("cpu-tiny").model
+PROMPT_LENGTHS = (5, 23, 14)
+NEW = 10
+PRUNED = PruningConfig(enabled=True, layers="all", mode="hard", inference_rule="budget", budget=12,
+                       num_sinks=2, window=3, scorer="lowrank")
+
+
+def with_pruning(**kw):
+    return dataclasses.replace(BASE, pruning=dataclasses.replace(PRUNED, **kw))
+
+
+@pytest.fixture(scope="module")
+def params():
+    model = Transformer(with_pruning())
+    p = jax.jit(lambda k: nn.meta.unbox(init_params(model, k)))(jax.random.key(0))
+    # Spread the scorers (bias 0) so that keep and eviction decisions differ from token to token.
+    def spread(path, x):
+        names = [getattr(k, "key", "") for k in path]
+        return x if "scorer" not in names else jnp.zeros_like(x) if names[-1] == "b" else x * 30.0
+    return jax.tree_util.tree_map_with_path(spread, p)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return gen.left_pad([list(rng.integers(0, 256, n)) for n in PROMPT_LENGTHS])
+
+
+def forward_on(cfg, params, tokens, valid, oracle=None):
+    """Teacher-forced parallel forward pass (left-padded rows, per-row positions)."""
+    carry = None if oracle is None else {"oracle_keep": oracle}
+    run = jax.jit(lambda p, t, v: Transformer(cfg).apply({"params": p}, t, gen.positions_of(v), v, carry=carry))
+    return run(params, tokens, valid)
+
+
+def check_decode_matches_forward(cfg, params, prompts, **kw):
+    tokens, valid = prompts
+    out = gen.generate(cfg, params, tokens, valid, max_new_tokens=NEW, **kw)
+    full = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)
+    full_valid = np.concatenate([valid, np.ones(out.tokens.shape, bool)], axis=1)
+    logits = forward_on(cfg, params, full, full_valid)[:, tokens.shape[1] - 1 : -1]  # [B, NEW, V]
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(out.tokens))
+    assert_close(out.logits, logits, dtype=jnp.bfloat16)  # float32 sums in another order
+    return out
+
+
+def test_pruned_cache_decoding_equals_teacher_forced_forward(params, prompts):
+    """Budget rule, low-rank scorer, cascade: the eviction decisions of the cache are the expiry
+    rule of the parallel forward pass, so generated tokens and logits agree."""
+    out = check_decode_matches_forward(with_pruning(), params, prompts)
+    for i in range(BASE.num_layers):  # memory O(budget): every layer holds 12 slots
+        assert out.cache[f"block_{i}"]["attn"]["k"].shape[1] == PRUNED.budget
+    assert int(jnp.sum(out.cache["block_0"]["attn"]["pos"] >= 0)) == 3 * PRUNED.budget  # full, nothing more
+
+
+def test_threshold_rule_decoding_equals_forward(params, prompts):
+    cfg = with_pruning(inference_rule="threshold", budget=64, scorer="linear")
+    out = check_decode_matches_forward(cfg, params, prompts)
+    keep = np.asarray(out.cache["block_1"]["attn"]["keep"])[np.asarray(out.cache["block_1"]["attn"]["pos"]) >= 0]
+    assert 0.2 < keep.mean() < 0.8  # the threshold really prunes
+
+
+def test_teacher_forced_decode_equals_forward_for_token_policies(params, prompts):
+    """Every position, decoded through the evicting cache, against the parallel budget mask (the
+    oracle policy: a per-token input that must follow each token into the cache)."""
+    tokens, valid = prompts
+    oracle = jnp.asarray(np.random.default_rng(1).random(tokens.shape) < 0.3)
+    cfg = with_pruning(baseline="oracle")
+    ref = forward_on(cfg, params, tokens, valid, oracle)
+    got = gen.teacher_forced_decode(cfg, params, tokens, valid, oracle=oracle)
+    assert_close(jnp.where(valid[..., None], got, 0), jnp.where(valid[..., None], ref, 0), dtype=jnp.bfloat16)
+
+
+def test_unpruned_decoding_equals_forward_and_budget_cache_is_smaller(params, prompts):
+    out = check_decode_matches_forward(BASE, params, prompts)
+    t = prompts[0].shape[1]
+    assert out.cache["block_0"]["attn"]["k"].shape[1] == t + NEW  # a full cache holds the context
+    pruned = gen.generate(with_pruning(), params, *prompts, max_new_tokens=NEW)
+    assert out.cache_bytes / pruned.cache_bytes == pytest.approx((t + NEW) / PRUNED.budget, rel=0.05)
+
+
+def test_attention_policies_decode_and_equal_dense_when_nothing_is_evicted(params, prompts):
+    tokens, valid = prompts
+    dense = forward_on(BASE, params, tokens, valid)
+    roomy = gen.teacher_forced_decode(with_pruning(baseline="tova", budget=64), params, tokens, valid)
+    assert_close(jnp.where(valid[..., None], roomy, 0), jnp.where(valid[..., None], dense, 0), dtype=jnp.bfloat16)
+    out = gen.generate(with_pruning(baseline="h2o"), params, tokens, valid, max_new_tokens=NEW)
+    assert np.isfinite(np.asarray(out.logits)).all() and out.tokens.shape == (3, NEW)
+    scores = np.asarray(out.cache["block_1"]["attn"]["score"])
+    assert (scores > 0).all()  # every held key accumulated attention
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    draw = jax.jit(gen.sample, static_argnums=2)
+    greedy = draw(logits, jax.random.key(0), gen.Sampling())
+    assert (np.asarray(greedy) == 0).all()
+    free = np.bincount(np.asarray(draw(logits, jax.random.key(1), gen.Sampling(1.0))), minlength=4) / 4000
+    np.testing.assert_allclose(free, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    nucleus = np.bincount(np.asarray(draw(logits, jax.random.key(2), gen.Sampling(1.0, top_p=0.7))), minlength=4) / 4000
+    assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 reaches 0.7: the tail is cut
+    np.testing.assert_allclose(nucleus[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+    cold = np.bincount(np.asarray(draw(logits, jax.random.key(3), gen.Sampling(0.25))), minlength=4) / 4000
+    assert cold[0] > 0.85  # low temperature sharpens
+    tiny = draw(logits, jax.random.key(4), gen.Sampling(1.0, top_p=1e-6))
+    assert (np.asarray(tiny) == 0).all()  # the top token always stays
+
+
+def test_sampled_generation_and_eos(params, prompts):
+    cfg = with_pruning()
+    a = gen.generate(cfg, params, *prompts, max_new_tokens=NEW, sampling=gen.Sampling(0.9, 0.95), rng=jax.random.key(5), eos_id=7)
+    b = gen.generate(cfg, params, *prompts, max_new_tokens=NEW, sampling=gen.Sampling(0.9, 0.95), rng=jax.random.key(5), eos_id=7)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))  # reproducible by key
+    for row in np.asarray(a.tokens):
+        hits = np.flatnonzero(row == 7)
+        if hits.size:
+            assert (row[hits[0]:] == 7).all()
+
+
+def test_bad_settings_fail_clearly(params, prompts):
+    with pytest.raises(ConfigError, match=r"decoding needs model.pruning.mode='hard'"):
+        gen.generate(with_pruning(mode="soft", inference_rule="threshold"), params, *prompts, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"Sampling.top_p must be in \(0, 1\]"):
+        gen.Sampling(1.0, top_p=0.0)
+    with pytest.raises(ConfigError, match=r"Sampling.temperature must be >= 0"):
+        gen.Sampling(-1.0)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a positive int"):
+        gen.generate(BASE, params, *prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"every prompt needs at least one token"):
+        gen.left_pad([[1, 2], []])
+    model = Transformer(BASE)
+    carry = {kv_cache.CACHE_OP: kv_cache.DECODE}
+    with pytest.raises(ValueError, match=r"decoding needs a KV cache: run a prefill first"):
+        model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), carry=carry, mutable=["cache"])
+
+
+def test_left_pad_and_positions():
+    tokens, valid = gen.left_pad([[5, 6, 7], [9]])
+    np.testing.assert_array_equal(tokens, [[5, 6, 7], [0, 0, 9]])
+    np.testing.assert_array_equal(valid, [[True] * 3, [False, False, True]])
+    np.testing.assert_array_equal(np.asarray(gen.positions_of(jnp.asarray(valid))), [[0, 1, 2], [0, 0, 0]])
