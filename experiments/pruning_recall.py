@@ -7,7 +7,7 @@ layer, then evaluates the *same* parameters with:
 
 ``dense``         no pruning (every key visible)
 ``learned``       hard budget rule: each query sees at most ``budget = 10% of T`` keys (1 sink, a
-                  window of 2, the rest the highest-scoring older keys with keep probability >= 0.5)
+                  window of 2, the rest the highest-scoring older keys)
 ``sinks+window``  StreamingLLM at the same budget (the sink and the most recent keys)
 ``h2o``           heavy hitters (accumulated attention) + window at the same budget, by decoding
                   every sequence token by token through the evicting KV cache
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     p.add_argument("--keys", type=int, default=16, help="distinct key ids")
     p.add_argument("--values", type=int, default=16, help="distinct value ids")
     p.add_argument("--filler", type=float, default=0.9, help="filler fraction of the context")
-    p.add_argument("--short-steps", type=int, default=800, help="phase 1: steps on short sequences without filler")
+    p.add_argument("--short-steps", type=int, default=600, help="phase 1: steps on short sequences without filler")
     p.add_argument("--short-batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=400, help="phase 2: steps on filler sequences with soft pruning")
     p.add_argument("--batch", type=int, default=32)
@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
     p.add_argument("--target-keep", type=float, default=0.05, help="soft keep-ratio target of the regulariser")
     p.add_argument("--reg-weight", type=float, default=20.0)
     p.add_argument("--final-temperature", type=float, default=0.1, help="soft-mask temperature after annealing")
-    p.add_argument("--threshold", type=float, default=0.5, help="learned policy: keep only keys with sigmoid(score) >= this")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="learned policy: rank only keys with sigmoid(score) >= this (0: plain top-k under the budget)")
     p.add_argument("--eval-sequences", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=250)

@@ -10,6 +10,8 @@ Built on the per-layer KV cache of :mod:`ling_jax.generate` (``Attention.decode`
 * on a Mixture-of-Depths layer a token the causal rule (predictor or router threshold) does not
   route skips the block and writes no keys or values there.
 
+Layers under hard token pruning keep the budgeted, evicting cache of :mod:`ling_jax.generate`.
+
 A parallel prefill would store in each layer the keys visible to the row's last *live* query,
 which misses later tokens that exited; prompts are therefore fed token by token
 (:func:`teacher_forced`), which is also how decoding is checked against the forward pass.

@@ -43,7 +43,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     t = config.train
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),
-        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * t.min_lr_ratio,
+        decay_steps=max(t.steps, max(t.warmup_steps, 1) + 1), end_value=t.learning_rate * t.min_lr_ratio,
     )
     # No weight decay on norm scales (1-D params).
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)

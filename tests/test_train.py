@@ -19,7 +19,7 @@ from ling_jax.train import checkpoint_manager, init_state, restore_latest, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--preset", "cpu-tiny", "--steps", "12", "--checkpoint-every", "3", "--train.log_every", "1",
-            "--train.eval_batches", "1", "--no-progress", "--skip-baselines", "--train.batch_size", "4",
+            "--train.eval_batches", "1", "--no-progress", "--skip-baselines", "--train.batch_size", "8",
             "--train.seq_len", "32"]
 
 

@@ -7,18 +7,20 @@ When ``config.depth`` enables either mechanism, the Transformer wraps every bloc
   only: compacted to a static capacity (training, or ``mod_inference="topk"``), or masked with a
   causal per-token decision (inference). Unselected tokens pass on the residual and, in the
   masked path, give no keys or values to the block's attention (as in the compacted path);
-* in inference freezes tokens that exited earlier: their hidden state is carried up unchanged,
-  the block still computes their keys and values from it (so later tokens can attend to them) but
-  not their queries, attention output or MLP;
-* on exit layers evaluates the exit head (own RMSNorm + the shared output head) and either adds
-  its cross-entropy to the training loss (``loss_exit``) or decides which tokens exit now.
+* freezes tokens that exited earlier (inference; in training a random ``exit_train_freeze``
+  fraction, given a ``"depth"`` rng): their hidden state is carried up unchanged, the block still
+  computes their keys and values from it (so later tokens can attend to them) but not their
+  queries, attention output or MLP, and their output logits are those of their exit head;
+* on exit layers evaluates the exit head (own RMSNorm + the shared output head) and the exit
+  classifier; in training sows the weighted exit cross-entropy (``loss_exit``), in inference
+  decides which tokens exit now.
 
 Per-token state lives in the block ``carry`` under ``depth_*`` keys, so it follows any sequence
 compaction; seeding the carry with ``{EXIT_THRESHOLD: value}`` (``Transformer(carry=...)``) sweeps
-the exit threshold without recompiling (the value is not range-checked). Statistics go to ``intermediates`` (ledger counts, ``depth_layer_tokens`` /
-``depth_tokens`` for layers used per token, MoD predictor accuracy counts) and per-token
-decisions to the ``depth`` collection (``mod_routed``, ``exit_confidence``, ``exit_layer``,
-``layers_used``).
+the exit threshold without recompiling (the value is not range-checked). Statistics go to
+``intermediates`` (ledger counts, ``depth_layer_tokens`` / ``depth_tokens`` for layers used per
+token, MoD predictor accuracy counts) and per-token decisions to the ``depth`` collection
+(``mod_routed``, ``exit_confidence``, ``exit_layer``, ``layers_used``; never at init).
 """
 
 from __future__ import annotations
