@@ -41,15 +41,18 @@ from ling_jax.ledger import ledger_from_intermediates  # noqa: E402
 from ling_jax.model import Transformer, forward_with_stats, init_params  # noqa: E402
 
 
-def median_time(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` after a warm-up call (blocks on the result)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(calls: dict, repeats: int) -> dict:
+    """Median wall time of each ``name -> (fn, args)`` after a warm-up call. The calls are timed in
+    turn within every repeat, so load drift on a shared machine hits all of them alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def pruned(cfg: ModelConfig, budget: int, args, compaction: bool) -> ModelConfig:
@@ -65,24 +68,25 @@ def bench_prefill(cfg: ModelConfig, params, args) -> dict:
     t = args.seq_len
     tokens = jax.random.randint(jax.random.key(1), (args.batch, t), 0, cfg.vocab_size)
 
-    def measure(c: ModelConfig):
+    configs = {"dense": cfg} | {r: pruned(cfg, max(1, round(r * t)), args, compaction=True) for r in args.ratios}
+    flops, calls = {}, {}
+    for name, c in configs.items():
         model = Transformer(c)
-        flops = ledger_from_intermediates(c, jax.jit(lambda p, x: forward_with_stats(model, {"params": p}, x)[1])(params, tokens)).computed
-        seconds = median_time(jax.jit(lambda p, x: model.apply({"params": p}, x)), params, tokens, repeats=args.repeats)
-        return flops, seconds
-
-    dense_flops, dense_s = measure(cfg)
+        stats = jax.jit(lambda p, x, m=model: forward_with_stats(m, {"params": p}, x)[1])(params, tokens)
+        flops[name] = ledger_from_intermediates(c, stats).computed
+        calls[name] = (jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)), (params, tokens))
+    seconds = median_times(calls, args.repeats)
+    dense_flops, dense_s = flops["dense"], seconds["dense"]
     out = {"prefill_seq_len": t, "prefill_dense_ms": 1e3 * dense_s, "prefill_fraction_of_ideal": {}}
     print(f"prefill T={t}: dense {1e3 * dense_s:.1f} ms, {dense_flops / 1e9:.2f} GFLOP")
     for ratio in args.ratios:
-        flops, seconds = measure(pruned(cfg, max(1, round(ratio * t)), args, compaction=True))
-        ideal, measured = dense_flops / flops, dense_s / seconds
+        ideal, measured = dense_flops / flops[ratio], dense_s / seconds[ratio]
         frac = measured / ideal
         key = f"{ratio:g}"
         out["prefill_fraction_of_ideal"][key] = frac
         out.update({f"prefill_fraction_of_ideal_{key}": frac, f"prefill_speedup_{key}": measured,
-                    f"prefill_ideal_speedup_{key}": ideal, f"prefill_compacted_ms_{key}": 1e3 * seconds})
-        print(f"  keep {ratio:>5g}: {1e3 * seconds:7.1f} ms  speedup {measured:5.2f}x  ideal {ideal:5.2f}x  "
+                    f"prefill_ideal_speedup_{key}": ideal, f"prefill_compacted_ms_{key}": 1e3 * seconds[ratio]})
+        print(f"  keep {ratio:>5g}: {1e3 * seconds[ratio]:7.1f} ms  speedup {measured:5.2f}x  ideal {ideal:5.2f}x  "
               f"fraction of ideal {frac:.2f}")
     out["prefill_fraction_of_ideal_min"] = min(out["prefill_fraction_of_ideal"].values())
     return out
@@ -153,15 +157,18 @@ def bench_decode(cfg: ModelConfig, params, args) -> dict:
     token = jnp.zeros((args.batch,), jnp.int32)
     x = jax.random.normal(jax.random.key(2), (args.batch, 1, cfg.d_model))
     result = {"decode_context": context, "decode_budget_slots": budget}
-    times, bytes_, attn_times = {}, {}, {}
+    bytes_, calls = {}, {}
     for name, c, slots, is_pruned in (("full", full_cfg, context + steps, False), ("budget", budget_cfg, budget, True)):
         model = gen.decoding_model(c)
         cache = filled_cache(model, params, args, slots, context, is_pruned)
         bytes_[name] = kv_cache.nbytes(cache)
-        times[name] = median_time(decode_loop(model, steps, context), params, cache, token, repeats=args.repeats) / steps
-        layer_cache = cache["block_0"]["attn"]
-        attn_times[name] = median_time(attention_loop(c, steps, context, is_pruned, args), params["block_0"]["attn"],
-                                       layer_cache, x, repeats=args.repeats) / steps
+        calls[name] = (decode_loop(model, steps, context), (params, cache, token))
+        calls["attn_" + name] = (attention_loop(c, steps, context, is_pruned, args),
+                                 (params["block_0"]["attn"], cache["block_0"]["attn"], x))
+    per_step = {k: v / steps for k, v in median_times(calls, args.repeats).items()}
+    times = {k: per_step[k] for k in ("full", "budget")}
+    attn_times = {k: per_step["attn_" + k] for k in ("full", "budget")}
+    for name, slots in (("full", context + steps), ("budget", budget)):
         print(f"decode context {context}, {name:6s} cache ({slots} slots/layer): {bytes_[name] / 2**20:7.2f} MiB, "
               f"model step {1e3 * times[name]:.3f} ms, attention layer step {1e6 * attn_times[name]:.1f} us")
     result.update({

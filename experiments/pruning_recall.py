@@ -64,7 +64,7 @@ def policy_config(args, policy: str) -> ModelConfig:
     hard = dict(mode="hard", inference_rule="budget")
     pc = {
         "dense": pruning(args, enabled=False),
-        "learned": pruning(args, **hard, threshold=args.threshold),
+        "learned": pruning(args, **hard),
         "sinks+window": pruning(args, **hard, baseline="window"),
         "h2o": pruning(args, **hard, baseline="h2o"),
         "tova": pruning(args, **hard, baseline="tova"),
@@ -132,8 +132,6 @@ def main(argv=None) -> dict:
     p.add_argument("--target-keep", type=float, default=0.05, help="soft keep-ratio target of the regulariser")
     p.add_argument("--reg-weight", type=float, default=20.0)
     p.add_argument("--final-temperature", type=float, default=0.1, help="soft-mask temperature after annealing")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="learned policy: rank only keys with sigmoid(score) >= this (0: plain top-k under the budget)")
     p.add_argument("--eval-sequences", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=250)

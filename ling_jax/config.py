@@ -96,9 +96,8 @@ class PruningConfig:
     the mean keep probability to ``target_keep_ratio``. ``mode="hard"`` (inference) decides:
     ``inference_rule="threshold"`` keeps a token if ``sigmoid(score) >= threshold``;
     ``"budget"`` lets each query see at most ``budget`` keys: the ``num_sinks`` first tokens, its
-    ``window`` most recent tokens and the highest-scoring older ones that pass the threshold
-    (``threshold=0``: plain top-k), which is exactly what a KV cache of ``budget`` slots that evicts
-    its lowest-scoring entry holds. ``compaction`` removes pruned
+    ``window`` most recent tokens and the highest-scoring older ones (exactly what a KV cache of
+    ``budget`` slots that evicts its lowest-scoring entry holds). ``compaction`` removes pruned
     tokens from the sequence of later layers (static capacity ``budget``). ``baseline`` swaps the
     learned scorer for a training-free policy at the same budget.
     """
@@ -114,7 +113,7 @@ class PruningConfig:
     final_temperature: float = 0.1  # reached after anneal_steps (toward a hard decision)
     anneal_steps: int = 0  # 0: constant temperature
     inference_rule: str = "threshold"  # threshold | budget
-    threshold: float = 0.5  # keep if sigmoid(score) >= threshold (the budget rule ranks the kept keys)
+    threshold: float = 0.5  # threshold rule: keep if sigmoid(score) >= threshold
     budget: int = 64  # max keys per query / KV-cache slots per layer (including sinks and window)
     num_sinks: int = 1
     window: int = 8  # recent tokens always visible (>= 1: a query always sees itself)

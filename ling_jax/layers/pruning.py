@@ -11,11 +11,12 @@ query's ``window`` most recent tokens are never hidden.
 * **hard / threshold**: key j is kept iff ``sigmoid(score_j) >= threshold`` (the soft mask with
   binarised keep probabilities).
 * **hard / budget**: each query sees at most ``budget`` keys: the sinks, its window and the
-  ``budget - sinks - window`` highest-priority older keys among those the threshold keeps
-  (``threshold=0``: plain top-k; the budget is a cap, not a quota to fill with unwanted keys).
-  Because a key that falls out of this set never returns, the rule is a per-key *expiry position*
-  (:func:`budget_expiry`), and it selects exactly what a ``budget``-slot KV cache that evicts its
-  lowest-priority entry holds (:mod:`ling_jax.layers.kv_cache`).
+  ``budget - sinks - window`` highest-priority older keys. Because a key that falls out of this set
+  never returns, the rule is a per-key *expiry position* (:func:`budget_expiry`), and it selects
+  exactly what a ``budget``-slot KV cache that evicts its lowest-priority entry holds
+  (:mod:`ling_jax.layers.kv_cache`). The priority is the cascaded keep log-probability at
+  temperature 1 (ranking, not a threshold: binarising at 0.5 loses keys that the soft-trained
+  model still reads through a negative bias).
 * **cascade**: keep flags AND and log keep-probabilities add across pruning layers.
 * **compaction** (hard): the pruner marks the tokens that stay in the sequence
   (``carry[COMPACT_SELECT]``); the Transformer drops the others for all later layers
@@ -126,7 +127,7 @@ class TokenPruner(nn.Module):
             self.sow("intermediates", "flops_pruning_scorer", jnp.float32(b * t * per_token))
             if pc.mode == "soft":
                 return self._soft(score, mask, carry)
-            own_keep = hard_keep(score, pc.threshold)
+            own_keep = hard_keep(score, pc.threshold) if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
             priority = jax.nn.log_sigmoid(score)  # cascaded keep log-probability at temperature 1
             if pc.cascade and PRIORITY in carry:
                 priority = priority + carry[PRIORITY]

@@ -119,9 +119,9 @@ def test_other_bad_settings_fail_clearly(kwargs, match):
 @pytest.mark.parametrize("kwargs", [
     dict(threshold=0.0),
     dict(threshold=0.0, compaction=True, budget=64),
-    dict(inference_rule="budget", budget=T, threshold=0.0),
-    dict(inference_rule="budget", budget=T, threshold=0.0, compaction=True),
-    dict(inference_rule="budget", budget=T, threshold=0.0, scorer="linear", cascade=False),
+    dict(inference_rule="budget", budget=T),
+    dict(inference_rule="budget", budget=T, compaction=True),
+    dict(inference_rule="budget", budget=T, scorer="linear", cascade=False),
 ])
 def test_keep_everything_gives_exactly_the_dense_logits(params, tokens, dense, kwargs):
     out, _ = apply_fn(make(**{**HARD, "scorer": "lowrank", **kwargs}))(params, tokens)
@@ -319,7 +319,7 @@ def test_oracle_baseline_keeps_the_oracle_tokens(params, tokens):
 
 
 def test_learned_budget_keeps_the_highest_scores(params, tokens):
-    cfg = make(**{**BUDGET, "layers": "1"}, scorer="linear", cascade=False, threshold=0.0)
+    cfg = make(**{**BUDGET, "layers": "1"}, scorer="linear", cascade=False)
     model = Transformer(cfg)  # capture the scorer's output (row 0, layer 1)
     capture = lambda mdl, _: mdl.name == "scorer"
     _, state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"],
@@ -329,9 +329,9 @@ def test_learned_budget_keeps_the_highest_scores(params, tokens):
     best = sorted(older[np.argsort(score[older])[::-1][:5]].tolist())
     got = visible_to_last_query(cfg, params, tokens)
     assert got == sorted([0, 1] + best + [T - 3, T - 2, T - 1])
-    # The budget is a cap: keys the threshold drops are not used to fill it.
-    none_pass = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, threshold=1.0))
-    assert visible_to_last_query(none_pass, params, tokens) == [0, 1, T - 3, T - 2, T - 1]
+    # The budget rule ranks; it does not threshold.
+    strict = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, threshold=1.0))
+    assert visible_to_last_query(strict, params, tokens) == got
 
 
 def test_h2o_and_tova_evict_by_the_attention_keys_received():
@@ -368,7 +368,7 @@ def test_attention_policies_refuse_the_parallel_forward(params, tokens):
 
 
 def test_compaction_shortens_later_layers_and_the_ledger_sees_it(params, tokens):
-    kw = dict(HARD, layers="0", inference_rule="budget", budget=10, threshold=0.0)
+    kw = dict(HARD, layers="0", inference_rule="budget", budget=10)
     masked, inter_m = apply_fn(make(**kw), ("intermediates",))(params, tokens)
     compacted, inter_c = apply_fn(make(**kw, compaction=True), ("intermediates",))(params, tokens)
     lm = ledger_from_intermediates(make(**kw), inter_m["intermediates"])
