@@ -127,11 +127,10 @@ def _sorted_rows(ids, weights, active, num_experts):
     return tokens, w, starts, sizes
 
 
-def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, shards=1, contiguous=None):
+def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, contiguous=None):
     """Sorted rows through the fused gather-SwiGLU-scatter loop (options: see `grouped_swiglu`)."""
     tokens, w, starts, sizes = _sorted_rows(ids, weights, active, w_gate.shape[0])
-    return grouped_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down, tiles=tiles, shards=shards,
-                          contiguous=contiguous)
+    return grouped_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down, tiles=tiles, contiguous=contiguous)
 
 
 def pallas_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, gmm_impl="pallas", interpret=None):

@@ -17,10 +17,10 @@ matmul), or gather all rows once into ``xs = x[tokens]`` and slice contiguous ti
 for tiles of 16-32 rows: a matmul fed by an in-loop gather runs far below peak). The default takes
 the contiguous layout when experts hold fewer than 1024 rows on average.
 
-Optionally (``shards > 1``) experts are split into contiguous ranges that run as independent loops,
-which XLA's CPU runtime may execute on different cores (one loop of small matmuls is
-single-threaded); each range pays for its own ``[T, E]`` output buffer (~15% at 128-256 rows per
-expert single-threaded), so the default is one range.
+Limitation: XLA runs the loop's small matmuls (tiles below ~128 rows) on one core, while a large
+dense matmul uses every core; splitting the experts into independent loops did not make XLA run
+them concurrently (measured), so on a 2-core CPU low-load configurations reach about half the
+wall-clock rate of a dense matmul (see ``experiments/bench_moe.py``).
 
 The backward pass (``jax.custom_vjp``; a dynamic-trip-count loop is not reverse-differentiable)
 walks the same tiles, recomputes the SwiGLU and accumulates the gradient of the rows (or of
@@ -77,12 +77,6 @@ def _walk(carry, start, size, tiles: tuple[int, ...], step: Callable):
     return carry
 
 
-def _shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
-    shards = max(1, min(shards, num_experts))
-    bounds = [round(i * num_experts / shards) for i in range(shards + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-
-
 def _dsilu(z):
     s = jax.nn.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
@@ -107,8 +101,8 @@ def _padded(src, tokens, weights, pad, contiguous):
     return src, jnp.pad(tokens, (0, pad)), jnp.pad(weights, (0, pad))
 
 
-def _forward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous, lo, hi):
-    """Sum over experts [lo, hi) of weighted SwiGLU outputs, scattered into [T, E] (float32)."""
+def _forward(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous):
+    """Sum over experts of weighted SwiGLU outputs, scattered into [T, E] (float32)."""
     e = src.shape[1]
     src, tok, wts = _padded(src, tokens, weights, tiles[0], contiguous)
 
@@ -124,11 +118,11 @@ def _forward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, nu
 
         return _walk(out, starts[g], sizes[g], tiles, step)
 
-    return jax.lax.fori_loop(lo, hi, expert, jnp.zeros((num_tokens, e), F32))
+    return jax.lax.fori_loop(0, w_gate.shape[0], expert, jnp.zeros((num_tokens, e), F32))
 
 
-def _backward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, dout, tiles, contiguous, lo, hi):
-    """Gradients from experts [lo, hi): (d src, d weights [M], dW_gate/up/down [hi-lo, ...]).
+def _backward(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, dout, tiles, contiguous):
+    """Gradients: (d src, d weights [M], dW_gate/up/down [X, ...]) in float32.
 
     ``dout`` is the output cotangent: pre-gathered per row ``[M, E]`` when contiguous, else ``[T, E]``.
     """
@@ -173,44 +167,35 @@ def _backward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, d
 
         zeros_ef, zeros_fe = jnp.zeros((e, f), F32), jnp.zeros((f, e), F32)
         dsrc, dw, ag, au, ad = _walk((dsrc, dw, zeros_ef, zeros_ef, zeros_fe), starts[g], sizes[g], tiles, step)
-        j = g - lo
-        dwg_all = jax.lax.dynamic_update_slice(dwg_all, ag[None], (j, 0, 0))
-        dwu_all = jax.lax.dynamic_update_slice(dwu_all, au[None], (j, 0, 0))
-        dwd_all = jax.lax.dynamic_update_slice(dwd_all, ad[None], (j, 0, 0))
+        dwg_all = jax.lax.dynamic_update_slice(dwg_all, ag[None], (g, 0, 0))
+        dwu_all = jax.lax.dynamic_update_slice(dwu_all, au[None], (g, 0, 0))
+        dwd_all = jax.lax.dynamic_update_slice(dwd_all, ad[None], (g, 0, 0))
         return dsrc, dw, dwg_all, dwu_all, dwd_all
 
-    n = hi - lo
+    n = w_gate.shape[0]
     init = (jnp.zeros(src.shape, F32), jnp.zeros((m + tiles[0],), F32), jnp.zeros((n, e, f), F32),
             jnp.zeros((n, e, f), F32), jnp.zeros((n, f, e), F32))
-    dsrc, dw, dwg, dwu, dwd = jax.lax.fori_loop(lo, hi, expert, init)
+    dsrc, dw, dwg, dwu, dwd = jax.lax.fori_loop(0, n, expert, init)
     return (dsrc[:m] if contiguous else dsrc), dw[:m], dwg, dwu, dwd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _grouped_swiglu(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous, shards):
-    parts = [_forward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles,
-                            contiguous, lo, hi)
-             for lo, hi in _shard_ranges(w_gate.shape[0], shards)]
-    return functools.reduce(jnp.add, parts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _grouped_swiglu(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous):
+    return _forward(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous)
 
 
-def _fwd(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous, shards):
-    out = _grouped_swiglu(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles,
-                          contiguous, shards)
+def _fwd(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous):
+    out = _forward(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, num_tokens, tiles, contiguous)
     return out, (src, tokens, weights, starts, sizes, w_gate, w_up, w_down)
 
 
-def _bwd(num_tokens, tiles, contiguous, shards, res, dout):
+def _bwd(num_tokens, tiles, contiguous, res, dout):
     src, tokens, weights, starts, sizes, w_gate, w_up, w_down = res
     dout = dout.astype(F32)
     if contiguous:
         dout = dout[tokens]  # [M, E]: the output cotangent of every row, contiguous per tile
-    parts = [_backward_range(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, dout, tiles, contiguous,
-                             lo, hi)
-             for lo, hi in _shard_ranges(w_gate.shape[0], shards)]
-    dsrc = functools.reduce(jnp.add, [p[0] for p in parts])
-    dw = functools.reduce(jnp.add, [p[1] for p in parts])
-    dwg, dwu, dwd = (jnp.concatenate([p[i] for p in parts]) for i in (2, 3, 4))
+    dsrc, dw, dwg, dwu, dwd = _backward(src, tokens, weights, starts, sizes, w_gate, w_up, w_down, dout, tiles,
+                                        contiguous)
     return (dsrc.astype(src.dtype), None, dw.astype(weights.dtype), None, None,
             dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
 
@@ -229,7 +214,6 @@ def grouped_swiglu(
     w_down: Float[Array, "X F E"],
     *,
     tiles: int | tuple[int, ...] | None = None,
-    shards: int = 1,
     contiguous: bool | None = None,
 ) -> Float[Array, "T E"]:
     """``out[tokens[r]] += weights[r] * swiglu_{g(r)}(x[tokens[r]])`` over the rows of every expert.
@@ -247,4 +231,4 @@ def grouped_swiglu(
     tokens = tokens.astype(jnp.int32)
     src = x[tokens] if contiguous else x  # [M, E] rows in expert order, or the tokens themselves
     return _grouped_swiglu(src, tokens, weights.astype(F32), starts.astype(jnp.int32), sizes.astype(jnp.int32),
-                           w_gate, w_up, w_down, x.shape[0], tuple(int(t) for t in tiles), contiguous, int(shards))
+                           w_gate, w_up, w_down, x.shape[0], tuple(int(t) for t in tiles), contiguous)
