@@ -83,14 +83,15 @@ def variants(preset: str) -> list[Variant]:
 
 def layers_used(trained: C.Trained, overrides: dict, tokens) -> list[int]:
     """Blocks that updated each token of ``tokens`` [T] under the inference overrides."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ling_jax.model import Transformer
 
     cfg = C.with_model(trained.model, overrides)
-    _, state = Transformer(cfg).apply(trained.variables, jnp.asarray(tokens)[None], mutable=["intermediates", "depth"])
-    depth = state.get("depth", {})
+    run = jax.jit(lambda variables, x: Transformer(cfg).apply(variables, x, mutable=["intermediates", "depth"])[1])
+    depth = jax.device_get(run(trained.variables, jnp.asarray(tokens)[None])).get("depth", {})
     t = len(tokens)
     exit_layer = np.asarray(depth["exit_layer"][0][0]) if "exit_layer" in depth else np.full(t, cfg.num_layers - 1)
     used = np.zeros(t, np.int64)

@@ -76,33 +76,41 @@ def expert_usage(trained: C.Trained, batches: list) -> dict:
 
     cfg = trained.model
     m = cfg.moe
-    captured: dict[str, jax.Array] = {}
+    model = Transformer(cfg)
 
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, MoE) and context.method_name == "__call__":
-            captured[context.module.scope.path[0]] = args[0]
-        return next_fun(*args, **kwargs)
+    @jax.jit
+    def route_ids(variables, tokens):
+        """Router choices [N, K] of every MoE layer, recomputed from the captured layer inputs."""
+        captured: dict[str, jax.Array] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, MoE) and context.method_name == "__call__":
+                captured[context.module.scope.path[0]] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, tokens)
+        out = {}
+        for block, x in captured.items():
+            params = variables["params"][block]["moe"]
+            bias = variables.get(BIAS_COLLECTION, {}).get(block, {}).get("moe", {}).get("bias")
+            logits = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ params["router"]  # [N, C]
+            out[block] = routers.route(logits, kind=m.router, top_k=m.top_k, bias=bias, num_groups=m.num_groups,
+                                       top_groups=m.top_groups, normalize_weights=m.normalize_weights,
+                                       route_scale=m.route_scale).ids  # [N, K]
+        return out
 
     choices = m.num_experts + m.num_zero_experts
     counts: dict[str, dict[str, np.ndarray]] = {}
     per_class = {c: 0 for c in C.TOKEN_CLASSES}
     for batch in batches:
-        captured.clear()
-        with nn.intercept_methods(interceptor):
-            Transformer(cfg).apply(trained.variables, jnp.asarray(batch["inputs"]))
-        classes = [C.token_classes(row) for row in np.asarray(batch["inputs"])]
-        flat = [c for row in classes for c in row]
+        ids_by_layer = jax.device_get(route_ids(trained.variables, jnp.asarray(batch["inputs"])))
+        flat = [c for row in np.asarray(batch["inputs"]) for c in C.token_classes(row)]
         for c in flat:
             per_class[c] += 1
-        for block, x in sorted(captured.items()):
-            params = trained.variables["params"][block]["moe"]
-            bias = trained.variables.get(BIAS_COLLECTION, {}).get(block, {}).get("moe", {}).get("bias")
-            logits = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ params["router"]
-            r = routers.route(logits, kind=m.router, top_k=m.top_k, bias=bias, num_groups=m.num_groups,
-                              top_groups=m.top_groups, normalize_weights=m.normalize_weights, route_scale=m.route_scale)
-            ids = np.asarray(r.ids)  # [N, K]
+        for block, ids in sorted(ids_by_layer.items()):
             layer = counts.setdefault(block.split("_")[1], {c: np.zeros(choices, np.int64) for c in C.TOKEN_CLASSES})
-            for cls, row in zip(flat, ids):
+            for cls, row in zip(flat, np.asarray(ids)):
                 np.add.at(layer[cls], row, 1)
     names = [f"e{i}" for i in range(m.num_experts)] + [f"z{i}" for i in range(m.num_zero_experts)]
     return {"classes": list(C.TOKEN_CLASSES), "choice_names": names, "tokens_per_class": per_class,

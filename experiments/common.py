@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -291,22 +292,29 @@ def aggregate(records: Sequence[Mapping[str, Any]], group: Sequence[str], values
     return out
 
 
-def write_meta(path: Path, *, script: str, preset: str, argv: Sequence[str], wall_s: float, extra: Mapping[str, Any] = ()) -> None:
-    """The command that made a results file, its preset and the accumulated wall time over runs."""
-    path = Path(path)
-    old = json.loads(path.read_text()) if path.exists() else {}
-    meta = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [f"experiments/{script}", *argv]),
-        "preset": preset,
-        "wall_s": round(old.get("wall_s", 0.0) + wall_s, 1) if old.get("preset") == preset else round(wall_s, 1),
-        "invocations": old.get("invocations", 0) + 1 if old.get("preset") == preset else 1,
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        **dict(extra),
-    }
-    atomic_write(path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+class RunMeta:
+    """The ``<name>.meta.json`` of a results file: the command that made it, its preset, and the wall
+    time accumulated over invocations (written as the invocation goes, so an interrupted one counts)."""
+
+    def __init__(self, path: Path, *, script: str, preset: str, argv: Sequence[str]):
+        self.path = Path(path)
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        same = old.get("preset") == preset
+        self.base_wall = float(old.get("wall_s", 0.0)) if same else 0.0
+        self.invocation = (int(old.get("invocations", 0)) if same else 0) + 1
+        self.start = time.perf_counter()
+        self.fields = {
+            "command": "python " + " ".join(shlex.quote(a) for a in [f"experiments/{script}", *argv]),
+            "preset": preset, "backend": jax.default_backend(), "jax": jax.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        }
+
+    def write(self, extra: Mapping[str, Any] = (), *, finished: bool = False) -> None:
+        meta = {**self.fields, **dict(extra), "invocations": self.invocation, "finished": finished,
+                "wall_s": round(self.base_wall + time.perf_counter() - self.start, 1)}
+        self.fields.update(dict(extra))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
 
 
 def results_paths(results_root: Path, preset: str, name: str) -> tuple[Path, Path, Path]:

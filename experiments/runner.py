@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -39,11 +38,14 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
     """Trains/loads every variant, evaluates every point, appends records; returns all records."""
     if not variants or variants[0].name != "dense":
         raise ValueError("the first variant must be 'dense' (the quality and timing reference)")
-    started = time.perf_counter()
     sz = C.sizes(args.preset)
     C.setup_jax(args.results)
     jsonl, csv_path, meta_path = C.results_paths(args.results, args.preset, name)
     results = C.ResultsFile(jsonl, KEY)
+    meta = C.RunMeta(meta_path, script=f"{name}.py", preset=args.preset, argv=argv)
+    meta.write({"seeds": seeds, "tasks": list(tasks), "sizes": _plain(dataclasses.asdict(sz)),
+                "variants": [{"name": v.name, "train": dict(v.train), "points": [[l, dict(o)] for l, o in v.points]}
+                             for v in variants], **dict(extra_meta)})
     pictures = Path(args.results) / args.preset / "pictures"
     plan = [{"task": t, "seed": s, "variant": v.name, "point": label}
             for t in tasks for s in range(seeds) for v in variants for label, _ in v.points]
@@ -90,6 +92,7 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
                                  "point_overrides": json.dumps(dict(over), sort_keys=True),
                                  "train_seconds": t.info.get("train_seconds"), **rec})
                     bar.update(1)
+                    meta.write()
             if want_picture:
                 pictures.mkdir(parents=True, exist_ok=True)
                 picture(task, {v.name: get(v) for v in variants}, batches, pictures)
@@ -99,10 +102,7 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
     summary = C.aggregate(records, ("task", "variant", "point"),
                           ("quality", "rel_loss", "trf", "layers_per_token", "prefill_rel", *means))
     C.write_csv(summary, csv_path.with_name(f"{name}_summary.csv"))
-    C.write_meta(meta_path, script=f"{name}.py", preset=args.preset, argv=argv, wall_s=time.perf_counter() - started,
-                 extra={"seeds": seeds, "tasks": list(tasks), "sizes": _plain(dataclasses.asdict(sz)),
-                        "variants": [{"name": v.name, "train": dict(v.train), "points": [[l, dict(o)] for l, o in v.points]}
-                                     for v in variants], **dict(extra_meta)})
+    meta.write(finished=True)
     return records
 
 

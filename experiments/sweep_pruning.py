@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -161,13 +160,16 @@ def keep_map(task: str, trained: C.Trained, batch: dict, threshold: float) -> di
     cfg = C.with_model(trained.model, {"pruning.mode": "hard", "pruning.inference_rule": "threshold",
                                        "pruning.threshold": threshold})
     tokens = jax.numpy.asarray(batch["inputs"][:1])
-    _, state = Transformer(cfg).apply(trained.variables, tokens, mutable=["intermediates"],
-                                      capture_intermediates=lambda mdl, name: isinstance(mdl, TokenPruner))
-    layers = {}
-    for block, sub in state["intermediates"].items():
-        if "pruner" in sub:
-            _, carry = sub["pruner"]["__call__"][0]
-            layers[int(block.split("_")[1])] = np.asarray(carry[KEEP][0]).astype(int).tolist()
+
+    @jax.jit
+    def keep_flags(variables, tokens):  # {block: [1, T] cascaded keep flags of its pruner}
+        _, state = Transformer(cfg).apply(variables, tokens, mutable=["intermediates"],
+                                          capture_intermediates=lambda mdl, name: isinstance(mdl, TokenPruner))
+        return {block: sub["pruner"]["__call__"][0][1][KEEP] for block, sub in state["intermediates"].items()
+                if "pruner" in sub}
+
+    layers = {int(block.split("_")[1]): np.asarray(keep[0]).astype(int).tolist()
+              for block, keep in jax.device_get(keep_flags(trained.variables, tokens)).items()}
     return {"task": task, "threshold": threshold, "tokens": np.asarray(batch["inputs"][0]).tolist(),
             "oracle": np.asarray(batch["oracle_mask"][0]).astype(int).tolist(),
             "loss_mask": np.asarray(batch["loss_mask"][0]).astype(int).tolist(),
@@ -180,13 +182,14 @@ def main(argv=None) -> list[dict]:
     C.common_args(parser)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    started = time.perf_counter()
     sw, sz = SWEEPS[args.preset], C.sizes(args.preset)
     seeds = args.seeds or sz.seeds
     tasks = C.selected_tasks(args, TASKS[args.preset])
     C.setup_jax(args.results)
     jsonl, csv_path, meta_path = C.results_paths(args.results, args.preset, NAME)
     results = C.ResultsFile(jsonl, KEY)
+    meta = C.RunMeta(meta_path, script=f"{NAME}.py", preset=args.preset, argv=argv)
+    meta.write({"seeds": seeds, "tasks": tasks, "sweep": dataclasses.asdict(sw), "sizes": _sizes_dict(sz)})
     points = plan(tasks, seeds, sw)
     todo = [p for p in points if not results.done(**p)]
     C.log(f"{NAME}: {len(points)} points, {len(points) - len(todo)} already done")
@@ -214,6 +217,7 @@ def main(argv=None) -> list[dict]:
                 if point["method"] == "dense":
                     reference[(task, seed)] = record["quality"]
                 bar.update(1)
+                meta.write()
             if seed == 0 and not picture.exists():
                 picture.parent.mkdir(parents=True, exist_ok=True)
                 picture.write_text(json.dumps(keep_map(task, trained["learned"], batches[0], 0.5)) + "\n")
@@ -223,8 +227,7 @@ def main(argv=None) -> list[dict]:
     summary = C.aggregate(records, ("task", "weights", "method", "rule", "value", "compaction"),
                           ("quality", "rel_loss", "trf", "keep_ratio", "prefill_rel", "decode_rel"))
     C.write_csv(summary, csv_path.with_name(f"{NAME}_summary.csv"))
-    C.write_meta(meta_path, script=f"{NAME}.py", preset=args.preset, argv=argv, wall_s=time.perf_counter() - started,
-                 extra={"seeds": seeds, "tasks": tasks, "sweep": dataclasses.asdict(sw), "sizes": _sizes_dict(sz)})
+    meta.write(finished=True)
     for task in tasks:
         best = best_within(records, task, "learned", 0.02)
         C.log(f"{task}: learned pruning, largest token reduction factor within 2% loss: {best}")

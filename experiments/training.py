@@ -26,6 +26,30 @@ from ling_jax.config import Config, ModelConfig, model_signature, to_dict
 from ling_jax.model import Transformer
 
 
+def _defaults(section: str) -> Any:
+    """The default values of a saved config section (what a field added later stands for)."""
+    from ling_jax.config import Config
+
+    if section == "model_signature":
+        return None
+    return json.loads(json.dumps(to_dict(getattr(Config(), section))))
+
+
+def same_run(saved: Any, current: Any, defaults: Any = None) -> bool:
+    """Whether a saved config (JSON) describes the current one: equal, except that a field missing
+    from the saved one (added to the code later) must hold its default value in the current one."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key, value in current.items():
+            default = defaults.get(key) if isinstance(defaults, dict) else None
+            if key not in saved:
+                if not isinstance(defaults, dict) or key not in defaults or value != default:
+                    return False
+            elif not same_run(saved[key], value, default):
+                return False
+        return set(saved) <= set(current)
+    return saved == current
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a temporary file and a rename (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -106,8 +130,9 @@ def train_or_load(config: Config, run_dir: Path, *, progress: bool = True, desc:
                   sharded: bool = False) -> Trained:
     """Trains ``config`` and caches its final variables in ``run_dir``, or loads the cached ones.
 
-    A cached run is reused only if its saved model signature, training config and data config
-    match; otherwise it is retrained (and overwritten).
+    A cached run is reused only if its saved model signature, model, training and data configs
+    match (:func:`same_run`; fields added to the config classes since the run was trained count
+    as matching at their default values); otherwise it is retrained (and overwritten).
     """
     import flax.linen as nn
     import flax.serialization
@@ -123,7 +148,7 @@ def train_or_load(config: Config, run_dir: Path, *, progress: bool = True, desc:
             "train": to_dict(config.train), "data": to_dict(config.data)}
     if meta_path.exists() and _state_path(run_dir).exists():
         meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in want.items()):
+        if all(same_run(meta.get(k), v, _defaults(k)) for k, v in want.items()):
             state = flax.serialization.msgpack_restore(_state_path(run_dir).read_bytes())
             variables = jax.tree_util.tree_map(jnp.asarray, {"params": state["params"], **state.get("extra", {})})
             return Trained(config, variables, meta["info"])
@@ -136,7 +161,7 @@ def train_or_load(config: Config, run_dir: Path, *, progress: bool = True, desc:
         return Trained(config, variables, info)
     data = build_data(config)
     model = Transformer(config.model)
-    state = init_state(config, model, jax.random.key(config.train.seed))
+    state = jax.jit(functools.partial(init_state, config, model))(jax.random.key(config.train.seed))  # one compile
     # Sown diagnostics (e.g. the "depth" collection) are outputs, not state: keep them out of extra.
     state = state.replace(extra={k: v for k, v in state.extra.items() if k not in DIAGNOSTIC_COLLECTIONS})
     step_fn = _train_step(_train_key(config))
