@@ -264,12 +264,16 @@ HEADLINE_KEYS = ("attn_fraction_of_ideal_s75", "attn_max_abs_err_fwd")
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write the flat results object here")
+    p.add_argument("--sections", nargs="+", choices=("attention", "gmm"), default=["attention", "gmm"],
+                   help="which kernels to check and time")
     _add_attention_args(p)
     _add_gmm_args(p)
     args = p.parse_args(argv)
     results: dict = {}
-    results.update(bench_attention(args))
-    results.update(bench_gmm(args))
+    if "attention" in args.sections:
+        results.update(bench_attention(args))
+    if "gmm" in args.sections:
+        results.update(bench_gmm(args))
     for key, val in results.items():
         print(f"{key}: {val:.6g}" if isinstance(val, float) else f"{key}: {val}")
     if args.json:

@@ -86,8 +86,10 @@ def gmm_gpu(
                 dims = _NT if transpose_rhs else _NN
                 return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
-            n_k = jnp.where(end > start, tiles_k, 0)  # skip empty groups inside the range
-            acc = jax.lax.fori_loop(0, n_k, k_body, jnp.zeros((tm, tn), _F32))
+            zeros = jnp.zeros((tm, tn), _F32)
+            # Skip empty groups inside the range. A branch, not a data-dependent trip count: jax
+            # 0.11's Triton lowering turned `where(end > start, tiles_k, 0)` into an i1 loop bound.
+            acc = jax.lax.cond(end > start, lambda: jax.lax.fori_loop(0, tiles_k, k_body, zeros), lambda: zeros)
             return jnp.where((rows >= start) & (rows < end), acc, res)
 
         res = jax.lax.fori_loop(lo_ref[i], hi_ref[i], group_body, jnp.zeros((tm, tn), _F32))
