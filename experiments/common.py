@@ -37,7 +37,7 @@ from experiments.evaluation import (  # noqa: F401  (re-exported)
     LN2, dense_of, evaluate, median_time, relative_loss, time_decode_relative, time_relative,
 )
 from experiments.training import (  # noqa: F401  (re-exported)
-    DIAGNOSTIC_COLLECTIONS, Trained, atomic_write, eval_batches, run_dir_for, setup_jax, train_or_load,
+    Trained, atomic_write, eval_batches, run_dir_for, setup_jax, train_or_load,
 )
 from ling_jax.config import Config, ModelConfig, get_preset
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"

@@ -86,9 +86,6 @@ def _train_step(key: Config) -> Callable:
     return jax.jit(make_train_step(key, Transformer(key.model)), donate_argnums=(0,))
 
 
-DIAGNOSTIC_COLLECTIONS = ("intermediates", "depth")
-
-
 def _state_path(run_dir: Path) -> Path:
     return run_dir / "state.msgpack"
 
@@ -155,15 +152,12 @@ def train_or_load(config: Config, run_dir: Path, *, progress: bool = True, desc:
 
     if sharded:
         variables, info = _train_sharded(config, run_dir, progress)
-        extra = {k: v for k, v in variables.items() if k != "params" and k not in DIAGNOSTIC_COLLECTIONS}
-        variables = {"params": variables["params"], **extra}
+        extra = {k: v for k, v in variables.items() if k != "params"}
         _save(run_dir, variables["params"], extra, {**want, "info": info})
         return Trained(config, variables, info)
     data = build_data(config)
     model = Transformer(config.model)
     state = jax.jit(functools.partial(init_state, config, model))(jax.random.key(config.train.seed))  # one compile
-    # Sown diagnostics (e.g. the "depth" collection) are outputs, not state: keep them out of extra.
-    state = state.replace(extra={k: v for k, v in state.extra.items() if k not in DIAGNOSTIC_COLLECTIONS})
     step_fn = _train_step(_train_key(config))
     start = time.perf_counter()
     losses = []

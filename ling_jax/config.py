@@ -231,6 +231,7 @@ class DepthConfig:
     mod_capacity: float = 0.125
     mod_inference: str = "predictor"  # predictor | threshold | topk (non-causal, as in training)
     mod_threshold: float = 0.5  # on sigmoid(router score), mod_inference="threshold"
+    mod_predictor_threshold: float = 0.5  # route when sigmoid(predictor) > this, mod_inference="predictor"
     mod_weight: str = "straight_through"  # straight_through (forward scale 1) | sigmoid (scale sigmoid(score))
     predictor_dim: int = 64  # hidden width of the MoD predictor and exit classifier MLPs; 0 = linear
     aux_loss_weight: float = 1.0  # BCE weight of the MoD predictor and the exit classifier
@@ -247,6 +248,7 @@ class DepthConfig:
         _in_range(self, "mod_capacity", 0.0, 1.0, lo_open=True)
         _one_of(self, "mod_inference", ("predictor", "threshold", "topk"))
         _in_range(self, "mod_threshold", 0.0, 1.0)
+        _in_range(self, "mod_predictor_threshold", 0.0, 1.0, lo_open=True, hi_open=True)
         _one_of(self, "mod_weight", ("straight_through", "sigmoid"))
         _one_of(self, "exit_confidence", ("margin", "saturation", "classifier"))
         _non_negative(self, "predictor_dim", "aux_loss_weight", "exit_decay", "exit_loss_weight")
@@ -566,7 +568,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     return value
 
 
-def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+def _record_path(obj: Any, parts: list[str], value: Any, full: str, changes: dict) -> None:
+    """Checks one override against the config tree (field name, value type) and records it in
+    ``changes``, a nested dict mirroring the dataclasses. Nothing is built or validated yet."""
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"unknown override key {full!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -579,14 +583,26 @@ def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
     if len(parts) == 1:
         if dataclasses.is_dataclass(getattr(obj, name)):
             raise ConfigError(f"override {full!r} names a config group; set one of its fields, e.g. {full}.<field>")
-        new = _coerce(value, fields[name].type, full)
+        changes[name] = _coerce(value, fields[name].type, full)
     else:
-        new = _replace_path(getattr(obj, name), parts[1:], value, full)
-    return dataclasses.replace(obj, **{name: new})
+        _record_path(getattr(obj, name), parts[1:], value, full, changes.setdefault(name, {}))
+
+
+def _rebuild(obj: Any, changes: Mapping[str, Any]) -> Any:
+    """``obj`` with all recorded changes: each touched dataclass is rebuilt (so validated) once,
+    innermost first, with every override that concerns it already in place."""
+    new = {name: _rebuild(getattr(obj, name), value) if dataclasses.is_dataclass(getattr(obj, name)) else value
+           for name, value in changes.items()}
+    return dataclasses.replace(obj, **new)
 
 
 def apply_overrides(config: Config, overrides: Mapping[str, Any] | Sequence[str]) -> Config:
-    """Applies ``{"model.d_model": "512"}`` or ``["model.d_model=512", ...]`` overrides."""
+    """Applies ``{"model.d_model": "512"}`` or ``["model.d_model=512", ...]`` overrides.
+
+    All overrides are applied together and validated once, so settings that are only valid in
+    combination (``model.num_layers`` with a layer list, a pruning baseline with the mode it needs)
+    can be given in any order. Unknown keys and unparsable values fail before anything is built.
+    """
     if not isinstance(overrides, Mapping):
         pairs = {}
         for item in overrides:
@@ -595,9 +611,10 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any] | Sequence[str]
             key, value = item.split("=", 1)
             pairs[key.strip().lstrip("-")] = value.strip()
         overrides = pairs
+    changes: dict = {}
     for key, value in overrides.items():
-        config = _replace_path(config, key.split("."), value, key)
-    return config
+        _record_path(config, key.split("."), value, key, changes)
+    return _rebuild(config, changes)
 
 
 def to_dict(config: Any) -> dict:

@@ -60,7 +60,10 @@ def decoding_model(config: ModelConfig) -> Transformer:
     if config.pruning.enabled and config.pruning.mode != "hard":
         raise ConfigError("decoding needs model.pruning.mode='hard' (soft masks are for training)")
     if config.depth.mod_enabled or config.depth.exit_enabled:
-        raise ConfigError("KV-cache decoding does not support adaptive depth yet (model.depth)")
+        raise ConfigError(
+            "ling_jax.generate decodes fixed-depth models only, got model.depth.mod_enabled="
+            f"{config.depth.mod_enabled} and model.depth.exit_enabled={config.depth.exit_enabled}: decode "
+            "adaptive-depth models with ling_jax.generate_exit (generate / teacher_forced), or set both to false")
     return Transformer(dataclasses.replace(config, remat="none"))
 
 

@@ -2,8 +2,10 @@
 
 Layers contribute auxiliary losses by sowing already-weighted scalars named ``loss_*`` into the
 ``intermediates`` collection; the train step adds them to the cross-entropy. Variable
-collections other than ``params`` (for example MoE router biases) live in ``TrainState.extra``,
-are checkpointed, and are updated outside the optimizer by :func:`update_extra_state`.
+collections that are model state (:data:`STATE_COLLECTIONS`, for example MoE router biases) live
+in ``TrainState.extra``, are checkpointed, and are updated outside the optimizer by
+:func:`update_extra_state`; collections layers sow (``intermediates``, ``depth`` decisions) are
+per-forward outputs and never enter the state.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from jaxtyping import Array, Float
 
 from ling_jax.config import Config, ConfigError, model_signature, to_dict
 from ling_jax.data import Batch
+from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax.model import Transformer
 
 LN2 = math.log(2.0)
+
+# Variable collections that are model state: carried from step to step in TrainState.extra and
+# checkpointed. A new stateful collection must be added here (init_state refuses to create an
+# unlisted one, rather than silently leaving it out of checkpoints).
+STATE_COLLECTIONS = (BIAS_COLLECTION,)
 
 
 @flax.struct.dataclass
@@ -55,13 +63,18 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: bool = True) -> TrainState:
-    """``unbox=False`` keeps the logical-axis boxes (``ling_jax.sharding`` reads them under eval_shape)."""
+    """``unbox=False`` keeps the logical-axis boxes (``ling_jax.sharding`` reads them under eval_shape).
+
+    Only ``params`` and :data:`STATE_COLLECTIONS` are mutable during init, so whatever layers sow
+    (``intermediates``, ``depth``, ...) is dropped: ``extra`` holds state only.
+    """
     tokens = jnp.zeros((1, min(8, config.train.seq_len)), jnp.int32)
-    variables = model.init(rng, tokens)
+    variables = model.init(rng, tokens, mutable=["params", *STATE_COLLECTIONS])
     variables = nn.meta.unbox(variables) if unbox else dict(variables)
     params = variables.pop("params")
+    extra = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
     tx, _ = make_optimizer(config)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=dict(variables))
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=extra)
 
 
 def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +102,7 @@ def aux_losses(intermediates: Any) -> dict[str, jax.Array]:
 
 def update_extra_state(config: Config, extra: Any, intermediates: Any) -> Any:
     """Non-gradient state updates after a step (aux-loss-free MoE router bias)."""
-    if config.model.moe.enabled and config.model.moe.bias_update_rate > 0 and "moe_bias" in extra:
+    if config.model.moe.enabled and config.model.moe.bias_update_rate > 0 and BIAS_COLLECTION in extra:
         from ling_jax.layers.moe import update_router_bias
 
         return update_router_bias(config.model.moe, extra, intermediates)

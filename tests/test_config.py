@@ -1,6 +1,7 @@
 """Config validation, presets and overrides: bad input fails with a message naming the field."""
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -36,6 +37,47 @@ def test_override_parses_types_and_revalidates():
     assert cfg.model.d_model == 96 and cfg.train.learning_rate == 1e-3 and cfg.model.tie_embeddings is True
     with pytest.raises(ConfigError, match=r"cannot parse 'abc' as int"):
         apply_overrides(cfg, {"model.d_model": "abc"})
+
+
+COMBINED = [  # each valid only together: applied one at a time, in this order, one of them fails
+    {"model.depth.mod_enabled": "true", "model.depth.mod_layers": "3", "model.num_layers": "4"},
+    {"model.pruning.enabled": "true", "model.pruning.baseline": "random", "model.pruning.mode": "hard",
+     "model.pruning.inference_rule": "budget"},
+    {"model.moe.enabled": "true", "model.moe.top_groups": "2", "model.moe.num_groups": "4"},
+    {"train.seq_len": "256", "model.max_seq_len": "256"},
+]
+
+
+@pytest.mark.parametrize("overrides", COMBINED, ids=["layers", "pruning_baseline", "moe_groups", "seq_len"])
+def test_overrides_valid_only_together_are_applied_together(overrides):
+    base = get_preset("cpu-tiny")
+    with pytest.raises(ConfigError):  # what validating after each override did
+        functools.reduce(lambda cfg, item: apply_overrides(cfg, dict([item])), overrides.items(), base)
+    cfg = apply_overrides(base, overrides)
+    assert cfg == apply_overrides(base, dict(reversed(list(overrides.items()))))  # order does not matter
+    assert cfg == apply_overrides(base, [f"{k}={v}" for k, v in overrides.items()])
+    for key, value in overrides.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert str(obj).lower() == value.lower(), key
+    assert cfg.model.depth.mod_layers != "3" or cfg.model.mod_layers == (3,)
+
+
+def test_combined_overrides_still_fail_clearly():
+    base = get_preset("cpu-tiny")
+    # Still invalid together: the message names the field and the allowed values.
+    with pytest.raises(ConfigError, match=r"mod_layers selects layers \[5\] that do not exist \(model has 4 layers"):
+        apply_overrides(base, {"model.depth.mod_enabled": "true", "model.depth.mod_layers": "5", "model.num_layers": "4"})
+    with pytest.raises(ConfigError, match=r"PruningConfig.mode must be one of \['soft', 'hard'\], got 'firm'"):
+        apply_overrides(base, {"model.pruning.mode": "firm", "model.num_layers": "4"})
+    # Unknown keys and unparsable values fail before anything is built, whatever else is given.
+    with pytest.raises(ConfigError, match=r"model.moe.num_expert.*allowed.*num_experts"):
+        apply_overrides(base, {"model.num_layers": "0", "model.moe.num_expert": "4"})
+    with pytest.raises(ConfigError, match=r"override model.moe.top_k: cannot parse 'two' as int"):
+        apply_overrides(base, {"model.num_layers": "0", "model.moe.top_k": "two"})
+    with pytest.raises(ConfigError, match=r"override 'model.moe' names a config group"):
+        apply_overrides(base, {"model.moe": "true"})
 
 
 @pytest.mark.parametrize("field", ["d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "max_seq_len"])

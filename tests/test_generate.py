@@ -151,6 +151,17 @@ def test_bad_settings_fail_clearly(params, prompts):
         model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), carry=carry, mutable=["cache"])
 
 
+@pytest.mark.parametrize("depth", [dict(mod_enabled=True), dict(exit_enabled=True)], ids=["mod", "exit"])
+def test_adaptive_depth_is_refused_with_a_pointer_to_generate_exit(params, prompts, depth):
+    cfg = dataclasses.replace(BASE, depth=dataclasses.replace(BASE.depth, **depth))
+    what = "mod_enabled=True" if "mod_enabled" in depth else "exit_enabled=True"
+    match = rf"fixed-depth models only.*model.depth.{what}.*ling_jax.generate_exit"
+    with pytest.raises(ConfigError, match=match):
+        gen.generate(cfg, params, *prompts, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=match):
+        gen.teacher_forced_decode(cfg, params, *prompts)
+
+
 def test_left_pad_and_positions():
     tokens, valid = gen.left_pad([[5, 6, 7], [9]])
     np.testing.assert_array_equal(tokens, [[5, 6, 7], [0, 0, 9]])

@@ -53,6 +53,38 @@ def test_checkpoint_round_trip(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
 
 
+def test_init_state_keeps_state_collections_only(tmp_path, monkeypatch):
+    """Sown collections (MoD/early-exit ``depth`` decisions, ``intermediates``) are outputs, not
+    state: even if a layer sows them at init they stay out of TrainState.extra, which then
+    checkpoints and msgpack-serialises as is."""
+    import flax.serialization
+
+    from ling_jax.layers import depth as depth_lib
+    from ling_jax.train import STATE_COLLECTIONS
+
+    # A layer that forgets not to sow at init (the bug this guards against).
+    monkeypatch.setattr(depth_lib, "sow_decision", lambda module, name, value: module.sow("depth", name, value))
+    config = apply_overrides(get_preset("cpu-tiny"), {
+        "model.moe.enabled": "true", "model.moe.bias_update_rate": "0.01", "model.moe.num_experts": "4",
+        "model.depth.mod_enabled": "true", "model.depth.exit_enabled": "true", "train.seq_len": "8",
+    })
+    model = Transformer(config.model)
+    init = jax.jit(lambda k: init_state(config, model, k))
+    state = init(jax.random.key(1))
+    assert set(state.extra) == {"moe_bias"} and set(state.extra) <= set(STATE_COLLECTIONS)
+    state = state.replace(step=state.step + 3, extra=jax.tree_util.tree_map(lambda x: x + 1.5, state.extra))
+    blob = flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, state.extra))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, flax.serialization.msgpack_restore(blob), state.extra)
+    manager = checkpoint_manager(tmp_path, config)
+    manager.save(3, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    restored, step = restore_latest(manager, init(jax.random.key(2)))
+    manager.close()
+    assert step == 3
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.extra, state.extra)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
+
+
 def test_kill_and_resume_gives_bit_identical_losses(tmp_path):
     env = _env()
     full, killed = tmp_path / "full", tmp_path / "killed"

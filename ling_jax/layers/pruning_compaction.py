@@ -44,7 +44,8 @@ def compact_after_block(
         return x, mask, carry, state
     if config.depth.mod_enabled or config.depth.exit_enabled:
         raise ValueError("pruning compaction is not combined with adaptive depth yet: set "
-                         "model.pruning.compaction=false or disable model.depth")
+                         "model.pruning.compaction=false, or model.depth.mod_enabled=false and "
+                         "model.depth.exit_enabled=false")
     select = carry[COMPACT_SELECT]
     carry = {k: v for k, v in carry.items() if k != COMPACT_SELECT}
     b, t = x.shape[:2]

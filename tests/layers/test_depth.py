@@ -84,6 +84,7 @@ def test_exit_threshold_outside_the_confidence_range_fails(confidence, bad, good
 
 
 @pytest.mark.parametrize("field,value", [("mode", "eval"), ("mod_inference", "oracle"), ("mod_threshold", 1.5),
+                                         ("mod_predictor_threshold", 1.0), ("mod_predictor_threshold", 0.0),
                                          ("mod_weight", "softmax"), ("exit_decay", -1.0), ("predictor_dim", -2)])
 def test_other_bad_settings_fail(field, value):
     with pytest.raises(ConfigError, match=f"DepthConfig.{field}"):
@@ -377,3 +378,91 @@ def test_combines_with_pruning_through_the_shared_compaction(params, tokens):
     ref, _ = apply_fn(pruned, ("intermediates",))(p, tokens)
     out, _ = apply_fn(with_mod, ("intermediates",))(p, tokens)
     assert_close(out, ref)
+
+
+def _per_token_fields() -> list[str]:
+    """Every AttentionMask field that is an array (pytree node), i.e. travels with its token."""
+    return [f.name for f in dataclasses.fields(AttentionMask) if f.metadata.get("pytree_node", True)]
+
+
+def _random_like_field(name: str, rng: np.random.Generator, shape) -> np.ndarray:
+    ann = str({f.name: f.type for f in dataclasses.fields(AttentionMask)}[name])
+    if "Bool[" in ann:
+        return rng.random(shape) < 0.5
+    if "Int[" in ann:
+        return rng.integers(0, 100, shape).astype(np.int32)
+    if "Float[" in ann:
+        return rng.normal(size=shape).astype(np.float32)
+    raise AssertionError(f"AttentionMask.{name}: unknown annotation {ann!r}; teach this test its dtype")
+
+
+def test_every_per_token_mask_field_survives_compaction():
+    """A new per-token AttentionMask field cannot be forgotten by MoD compaction: compact_mask
+    gathers every one, expand_mask scatters back every one a block may change (all but the
+    positions and validity, which stay those of the full sequence)."""
+    rng = np.random.default_rng(0)
+    selected = jnp.array([[True, False, True, False, False, True], [False, True, False, False, True, False]])
+    idx, valid = selection_indices(selected, 3)  # row 1 has an empty slot
+    names = _per_token_fields()
+    assert {"q_positions", "kv_valid", "kv_keep", "kv_log_keep", "kv_expire"} <= set(names)
+    full = {n: _random_like_field(n, rng, selected.shape) for n in names}
+    mask = AttentionMask(**{n: jnp.asarray(v) for n, v in full.items()}, causal=False, window=3, num_sinks=2)
+    small = compact_mask(mask, idx, valid)
+    v = np.asarray(valid)
+    assert (small.causal, small.window, small.num_sinks) == (False, 3, 2)
+    for n in names:
+        got = getattr(small, n)
+        assert got is not None and got.shape == idx.shape, f"compact_mask dropped AttentionMask.{n}"
+        want = np.take_along_axis(full[n], np.asarray(idx), axis=1)
+        if n in ("q_valid", "kv_valid"):
+            np.testing.assert_array_equal(np.asarray(got), want & v, err_msg=n)
+        else:
+            np.testing.assert_array_equal(np.asarray(got)[v], want[v], err_msg=n)
+    fixed = {"q_positions", "kv_positions", "q_valid", "kv_valid"}
+    new = {n: _random_like_field(n, rng, idx.shape) for n in names if n not in fixed}
+    back = expand_mask(small.replace(**{n: jnp.asarray(x) for n, x in new.items()}), idx, valid, mask)
+    sel = np.asarray(selected)
+    for n in names:
+        got = np.asarray(getattr(back, n))
+        if n in fixed:
+            np.testing.assert_array_equal(got, full[n], err_msg=n)
+            continue
+        want = full[n].copy()
+        rows, cols = np.nonzero(v)
+        want[rows, np.asarray(idx)[rows, cols]] = new[n][rows, cols]
+        np.testing.assert_array_equal(got, want, err_msg=f"expand_mask did not scatter back AttentionMask.{n}")
+        np.testing.assert_array_equal(got[~sel], full[n][~sel], err_msg=n)
+
+
+def test_mod_with_budget_pruning_carries_the_expiry_into_the_routed_block(params, tokens):
+    """Budget pruning at layer 0 sets kv_expire; the routed layer 1 compacts the mask with it.
+    Capacity 1.0 must equal the pruned model exactly (the expiry reached the block); capacity 0.5
+    gives finite logits."""
+    from ling_jax.config import PruningConfig
+
+    budget = PruningConfig(enabled=True, layers="0", mode="hard", inference_rule="budget", budget=8, window=2)
+    pruned = dataclasses.replace(BASE, pruning=budget)
+    with_mod = lambda **kw: dataclasses.replace(pruned, depth=DepthConfig(mod_enabled=True, mod_layers="1", **kw))
+    # The module's parameters (they hold MoD routers) plus a pruner for layer 0 (shapes only: no init compile).
+    shapes = jax.eval_shape(lambda k: nn.meta.unbox(init_params(Transformer(with_mod()), k)), jax.random.key(5))
+    pruner = jax.tree_util.tree_map(lambda s: jax.random.normal(jax.random.key(6), s.shape, s.dtype),
+                                    shapes["block_0"]["pruner"])
+    p = {**params, "block_0": {**params["block_0"], "pruner": pruner}}
+    ref, state = apply_fn(pruned, ("intermediates",))(p, tokens)
+    visible = ledger_from_intermediates(pruned, state["intermediates"]).counts["block_1"]["attn_pairs_visible"]
+    assert visible < B * T * (T + 1) / 2, "the budget should hide some keys from layer 1"
+    out, _ = apply_fn(with_mod(mod_capacity=1.0), ("intermediates",))(p, tokens)
+    assert_close(out, ref)
+    out, _ = apply_fn(with_mod(mod_capacity=0.5), ("intermediates",))(p, tokens)
+    assert out.shape == (B, T, BASE.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_pruning_compaction_with_adaptive_depth_is_refused_clearly(tokens):
+    from ling_jax.config import PruningConfig
+
+    cfg = dataclasses.replace(make_cfg(mod_enabled=True, mod_layers="1"), pruning=PruningConfig(
+        enabled=True, layers="0", mode="hard", inference_rule="budget", budget=8, window=2, compaction=True))
+    model = Transformer(cfg)
+    with pytest.raises(ValueError, match=r"pruning compaction is not combined with adaptive depth.*"
+                                         r"model.pruning.compaction=false.*model.depth.mod_enabled=false"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
