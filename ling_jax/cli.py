@@ -1,4 +1,4 @@
-"""Command line: ``ling-jax train | eval | info``.
+"""Command line: ``ling-jax train | eval | sweep | info``.
 
 Overrides use the config's dotted field names: ``--model.d_model 512`` or ``--train.steps=100``.
 """
@@ -79,6 +79,44 @@ def cmd_train(args, extra) -> int:
         print(f"validation bits per byte ({len(valid):,} bytes):")
         for name, value in table.items():
             print(f"  {name:<16} {value:.3f}")
+    if config.model.pruning.enabled and not args.skip_sweep:
+        _sweep(args.workdir, progress=not args.no_progress)
+    return 0
+
+
+def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=("window",)) -> list[dict]:
+    """Pruning sweep of a trained workdir's latest checkpoint; prints a table, writes pruning_sweep.json."""
+    from ling_jax.pipeline import build_data
+    from ling_jax.sweep import DEFAULT_THRESHOLDS, best_within, format_table, pruning_sweep
+    from ling_jax.train import load_trained
+
+    config, _, state = load_trained(workdir)
+    data = build_data(config)
+    batches = [b.as_dict() for b in data.eval_batches()]
+    variables = {"params": state.params, **state.extra}
+    rows = pruning_sweep(config.model, variables, batches, data.metric, progress=progress,
+                         thresholds=DEFAULT_THRESHOLDS if thresholds is None else thresholds,
+                         budgets=budgets, baselines=baselines)
+    tokens = sum(int(b["inputs"].size) for b in batches)
+    print(f"pruning sweep at step {int(state.step)} ({len(batches)} validation batches, {tokens:,} tokens; "
+          f"rel. loss vs the same weights with nothing pruned):")
+    print(format_table(rows, data.metric))
+    best = best_within(rows)
+    if best is None:
+        print("no pruned setting stays within 2% of keep-all")
+    else:
+        print(f"largest token reduction within 2%: {best['token_reduction']:.2f}x ({best['rule']} {best['value']:g})")
+    out = Path(workdir) / "pruning_sweep.json"
+    out.write_text(json.dumps({"step": int(state.step), "metric": data.metric, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return rows
+
+
+def cmd_sweep(args, extra) -> int:
+    if extra:
+        raise ConfigError(f"ling-jax sweep takes no config overrides, got {list(extra)}")
+    _sweep(args.workdir, progress=not args.no_progress, thresholds=args.thresholds, budgets=args.budgets,
+           baselines=tuple(args.baselines))
     return 0
 
 
@@ -147,7 +185,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--skip-baselines", action="store_true", help="do not print zlib / n-gram figures")
+    p.add_argument("--skip-sweep", action="store_true", help="with pruning enabled: do not run the pruning sweep")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("sweep", help="pruning sweep (thresholds, budgets, baselines) of a workdir trained with pruning")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--thresholds", type=float, nargs="+", help="default: 0.1 0.3 0.5 0.7 0.9")
+    p.add_argument("--budgets", type=int, nargs="+", help="keys per query (default: 1/8, 1/4, 1/2 of seq_len)")
+    p.add_argument("--baselines", nargs="*", default=["window"], help="random window h2o tova oracle (oracle: tasks)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint; prints one JSON line")
     p.add_argument("--workdir", required=True)
