@@ -40,8 +40,8 @@ from ling_jax.layers.depth_exit import (
     classifier_bce, exit_cross_entropy, exit_points, saturation_confidence, softmax_features, threshold_at,
 )
 from ling_jax.layers.depth_mod import (
-    MoDRouter, SmallMLP, causal_selection, predictor_bce, rms_normalize, router_flops_per_token, run_compacted,
-    small_mlp_flops, topk_selection, weighted_update,
+    MoDRouter, SmallMLP, causal_selection, predictor_bce, predictor_routes, rms_normalize, router_flops_per_token,
+    run_compacted, small_mlp_flops, topk_selection, weighted_update,
 )
 from ling_jax.routing import compact, expand, selection_indices
 
@@ -152,7 +152,7 @@ class DepthLayer(nn.Module):
         routed = topk if compacted else causal_selection(cfg, scores, predictor) & valid
 
         n_valid = jnp.sum(valid, dtype=jnp.float32)
-        self.sow("intermediates", "mod_predictor_correct", jnp.sum(((predictor > 0) == topk) & valid, dtype=jnp.float32))
+        self.sow("intermediates", "mod_predictor_correct", jnp.sum((predictor_routes(cfg, predictor) == topk) & valid, dtype=jnp.float32))
         self.sow("intermediates", "mod_predictor_total", n_valid)
         self.sow("intermediates", "mod_routed_tokens", jnp.sum(routed, dtype=jnp.float32))
         self.sow("intermediates", "flops_mod_router", jnp.float32(b * t * router_flops_per_token(cfg)))

@@ -19,6 +19,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
@@ -91,10 +92,16 @@ def topk_selection(scores: Float[Array, "B T"], capacity: float, valid: Bool[Arr
     return top_k_mask(scores, c, valid), c
 
 
+def predictor_routes(cfg: ModelConfig, predictor: Float[Array, "B T"]) -> Bool[Array, "B T"]:
+    """The causal predictor's decision: ``sigmoid(predictor) > mod_predictor_threshold``."""
+    thr = cfg.depth.mod_predictor_threshold
+    return predictor > float(np.log(thr) - np.log1p(-thr))  # the same comparison on the logit
+
+
 def causal_selection(cfg: ModelConfig, scores: Float[Array, "B T"], predictor: Float[Array, "B T"]) -> Bool[Array, "B T"]:
     """Per-token routing decision that reads only the token's own state (no future tokens)."""
     if cfg.depth.mod_inference == "predictor":
-        return predictor > 0.0  # sigmoid(predictor) > 0.5
+        return predictor_routes(cfg, predictor)
     if cfg.depth.mod_inference == "threshold":
         return jax.nn.sigmoid(scores) >= cfg.depth.mod_threshold
     raise ValueError(f"causal_selection: mod_inference must be 'predictor' or 'threshold', got {cfg.depth.mod_inference!r}")
