@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import ModelConfig
-from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates
+from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, sown_total
 from ling_jax.model import Transformer, forward_with_stats
 
 LN2 = math.log(2.0)
@@ -72,16 +72,6 @@ def _teacher_forced_fn(cfg: ModelConfig) -> Callable:
     return f
 
 
-def _sum_tree(tree: Mapping[str, Any], name: str) -> float:
-    total = 0.0
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            total += _sum_tree(value, name)
-        elif key == name:
-            total += float(sum(np.asarray(jax.device_get(v), np.float64).sum() for v in value))
-    return total
-
-
 def _values(tree: Mapping[str, Any], name: str) -> list[float]:
     """Every sown scalar called ``name`` anywhere in the tree (one per layer and call)."""
     out: list[float] = []
@@ -121,10 +111,10 @@ def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric:
             dense += dense_forward_flops(cfg, b, t, causal_ideal=True)
             computed += ledger.computed
             ideal += ledger.ideal
-            kept += _sum_tree(inter, "tokens_kept")
-            pairs += _sum_tree(inter, "attn_pairs_visible")
-            layer_tokens += _sum_tree(inter, "depth_layer_tokens")
-            depth_tokens += _sum_tree(inter, "depth_tokens")
+            kept += sown_total(inter, "tokens_kept")
+            pairs += sown_total(inter, "attn_pairs_visible")
+            layer_tokens += sown_total(inter, "depth_layer_tokens")
+            depth_tokens += sown_total(inter, "depth_tokens")
             for name in means:
                 diag[name].extend(_values(inter, name))
         nll += float(out["nll_sum"])

@@ -53,6 +53,11 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
     return out
 
 
+def sown_total(intermediates: Mapping[str, Any], name: str) -> float:
+    """Sum of every sown scalar called ``name`` anywhere in the tree (all layers, all calls)."""
+    return sum(v for path, v in _flatten(intermediates).items() if path[-1] == name)
+
+
 @dataclasses.dataclass
 class Ledger:
     """FLOPs by layer and component; `computed` uses pairs evaluated, `ideal` pairs visible."""

@@ -33,3 +33,14 @@ def test_dense_token_reduction_factor_is_one_for_ideal_causal():
     # The ideal count uses visible (causal) pairs: exactly the dense causal-ideal FLOPs.
     assert token_reduction_factor(cfg, ledger, 2, 32) == pytest.approx(1.0)
     assert ledger.computed > ledger.ideal
+
+
+def test_sown_total_sums_every_call_of_a_name_across_layers():
+    import numpy as np
+
+    from ling_jax.ledger import sown_total
+
+    tree = {"block_0": {"tokens_kept": (np.float32(3.0), np.float32(4.0)), "other": (np.float32(100.0),)},
+            "block_1": {"inner": {"tokens_kept": (np.ones((2,), np.float32),)}}}
+    assert sown_total(tree, "tokens_kept") == 9.0
+    assert sown_total(tree, "missing") == 0.0

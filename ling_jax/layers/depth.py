@@ -30,12 +30,12 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.basics import RMSNorm
+from ling_jax.ledger import sown_total
 from ling_jax.layers.depth_exit import (
     classifier_bce, exit_cross_entropy, exit_points, saturation_confidence, softmax_features, threshold_at,
 )
@@ -252,24 +252,13 @@ def finish(model: nn.Module, x: Float[Array, "B T E"], mask: AttentionMask, carr
 # ----------------------------------------------------------------------------- diagnostics
 
 
-def _total(intermediates: Mapping[str, Any], name: str) -> float:
-    """Sum of every sown scalar called ``name`` anywhere in the tree."""
-    out = 0.0
-    for key, value in intermediates.items():
-        if isinstance(value, Mapping):
-            out += _total(value, name)
-        elif key == name:
-            out += float(sum(np.asarray(jax.device_get(v), np.float64).sum() for v in value))
-    return out
-
-
 def layers_per_token(cfg: ModelConfig, intermediates: Mapping[str, Any]) -> float:
     """Average number of blocks that updated each valid token (``num_layers`` without adaptive depth)."""
-    tokens = _total(intermediates, "depth_tokens")
-    return _total(intermediates, "depth_layer_tokens") / tokens if tokens else float(cfg.num_layers)
+    tokens = sown_total(intermediates, "depth_tokens")
+    return sown_total(intermediates, "depth_layer_tokens") / tokens if tokens else float(cfg.num_layers)
 
 
 def mod_predictor_accuracy(intermediates: Mapping[str, Any]) -> float:
     """Fraction of (token, routed layer) decisions where the causal predictor matches top-k membership."""
-    total = _total(intermediates, "mod_predictor_total")
-    return _total(intermediates, "mod_predictor_correct") / total if total else float("nan")
+    total = sown_total(intermediates, "mod_predictor_total")
+    return sown_total(intermediates, "mod_predictor_correct") / total if total else float("nan")
