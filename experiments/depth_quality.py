@@ -48,6 +48,7 @@ from ling_jax.config import Config, DepthConfig, get_preset
 from ling_jax.layers import depth as depth_lib
 from ling_jax.layers.depth_mod import MoDRouter
 from ling_jax.ledger import ledger_from_intermediates
+from ling_jax.policy import inference_policy
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
 from ling_jax.train import LN2, load_trained, train
@@ -112,8 +113,8 @@ class Evaluator:
         model = Transformer(model_cfg)
 
         def fwd(params, extra, tokens, threshold):
-            carry = {depth_lib.EXIT_THRESHOLD: threshold} if model_cfg.depth.exit_enabled else None
-            logits, st = model.apply({"params": params, **extra}, tokens, carry=carry, mutable=["intermediates", "depth"])
+            policy = inference_policy(model_cfg, exit_threshold=threshold)  # traced: one compile per config
+            logits, st = model.apply({"params": params, **extra}, tokens, policy=policy, mutable=["intermediates", "depth"])
             return logits, st["intermediates"], st.get("depth", {}).get("layers_used", (jnp.zeros(tokens.shape, jnp.int32),))[0]
 
         self.fwd = jax.jit(fwd)

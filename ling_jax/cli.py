@@ -105,7 +105,7 @@ def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=
     if best is None:
         print("no pruned setting stays within 2% of keep-all")
     else:
-        print(f"largest token reduction within 2%: {best['token_reduction']:.2f}x ({best['rule']} {best['value']:g})")
+        print(f"largest computed token reduction within 2%: {best['token_reduction']:.2f}x ({best['rule']} {best['value']:g})")
     out = Path(workdir) / "pruning_sweep.json"
     out.write_text(json.dumps({"step": int(state.step), "metric": data.metric, "rows": rows}, indent=1))
     print(f"wrote {out}")

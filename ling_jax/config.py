@@ -242,6 +242,11 @@ class DepthConfig:
     exit_decay: float = 0.0  # threshold(pos) = lo + (threshold - lo) * exp(-decay * pos / max_seq_len)
     exit_loss_weight: float = 1.0  # weight of the mean per-exit-layer cross-entropy
     exit_train_freeze: float = 0.0  # training: this fraction of tokens exits at a random exit (carried up)
+    # inference: static capacities (fractions of the sequence) for the variable number of tokens a
+    # block, exit head or final head computes; the smallest that holds the batch's count runs
+    # (0: the empty bucket, nothing computed); "1.0" alone: every token in every layer, masked.
+    # Without 1, a fixed capacity: tokens beyond it (the latest) skip the block, carried up.
+    infer_buckets: str = "0,0.125,0.25,0.5,1.0"
 
     def __post_init__(self):
         _one_of(self, "mode", ("train", "infer"))
@@ -253,6 +258,7 @@ class DepthConfig:
         _one_of(self, "exit_confidence", ("margin", "saturation", "classifier"))
         _non_negative(self, "predictor_dim", "aux_loss_weight", "exit_decay", "exit_loss_weight")
         _in_range(self, "exit_train_freeze", 0.0, 1.0, hi_open=True)
+        self.bucket_fractions  # validates infer_buckets
         lo, hi = self.confidence_range
         if not (isinstance(self.exit_threshold, (int, float)) and not isinstance(self.exit_threshold, bool)
                 and lo <= self.exit_threshold <= hi):
@@ -260,6 +266,18 @@ class DepthConfig:
                 f"DepthConfig.exit_threshold must be in [{lo}, {hi}] for exit_confidence="
                 f"{self.exit_confidence!r}, got {self.exit_threshold!r}"
             )
+
+    @property
+    def bucket_fractions(self) -> tuple[float, ...]:
+        """``infer_buckets`` parsed: comma-separated fractions in [0, 1]."""
+        try:
+            fractions = tuple(float(f) for f in str(self.infer_buckets).split(","))
+        except ValueError:
+            fractions = ()
+        if not fractions or not all(0.0 <= f <= 1.0 for f in fractions):
+            raise ConfigError("DepthConfig.infer_buckets must be comma-separated fractions in [0, 1] "
+                              f"(e.g. '0,0.125,0.25,0.5,1'; '1' alone: no skipping), got {self.infer_buckets!r}")
+        return fractions
 
     @property
     def confidence_range(self) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import numpy as np
 from ling_jax.config import ModelConfig
 from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, sown_total
 from ling_jax.model import Transformer, forward_with_stats
+from ling_jax.policy import as_traced, inference_policy, static_config
 
 LN2 = math.log(2.0)
 
@@ -40,13 +41,23 @@ def _carry_for(cfg: ModelConfig, oracle: Optional[jax.Array]) -> Optional[dict]:
     return None
 
 
-@functools.lru_cache(maxsize=256)
 def eval_fn(cfg: ModelConfig) -> Callable:
-    """Jitted (variables, batch) -> (sums of nll, count, correct; sown intermediates), cached per config."""
+    """Jitted ``(variables, batch) -> (sums of nll, count, correct; sown intermediates)`` for ``cfg``.
+
+    The thresholds of ``cfg`` go in as a traced :class:`~ling_jax.policy.InferencePolicy`, so
+    configs that differ only in thresholds share one compiled program."""
+    compiled = _eval_fn(static_config(cfg))
+    policy = as_traced(inference_policy(cfg))
+    return lambda variables, batch: compiled(variables, batch, policy)
+
+
+@functools.lru_cache(maxsize=256)
+def _eval_fn(cfg: ModelConfig) -> Callable:
     model = Transformer(cfg)
 
-    def f(variables, batch):
-        logits, inter = forward_with_stats(model, variables, batch["inputs"], carry=_carry_for(cfg, batch["oracle_mask"]))
+    def f(variables, batch, policy):
+        logits, inter = forward_with_stats(model, variables, batch["inputs"], carry=_carry_for(cfg, batch["oracle_mask"]),
+                                           policy=policy)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
         mask = batch["loss_mask"]
@@ -88,8 +99,9 @@ def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric:
     """Quality, token reduction factor and keep ratio of ``cfg`` on ``batches``.
 
     Returns ``quality`` (accuracy, or bits per byte for ``metric="bpb"``), ``loss`` (nats),
-    ``accuracy``, ``trf`` (dense causal-ideal FLOPs / FLOPs an ideal kernel computes, summed over
-    the batches), ``trf_computed`` (the same with the FLOPs the implementation really evaluated),
+    ``accuracy``, ``trf_computed`` (FLOPs the dense model's program executes / FLOPs this
+    variant's program executes, summed over the batches: realized), ``trf_ideal`` (dense causal
+    FLOPs / FLOPs an ideal sparse kernel would execute), ``flops_dense|computed|ideal``,
     ``keep_ratio`` (tokens kept per pruning layer / valid tokens; 1.0 without pruning),
     ``pair_ratio`` (visible query-key pairs / causal pairs of the dense model) and
     ``layers_per_token``; each name in ``means`` adds the mean of that sown diagnostic over layers
@@ -97,7 +109,7 @@ def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric:
     (``ling_jax.generate.teacher_forced_decode``); it has no ledger, so the FLOP fields are NaN.
     """
     nll = count = correct = 0.0
-    dense = computed = ideal = 0.0
+    dense = dense_ideal = computed = ideal = 0.0
     kept = pairs = layer_tokens = depth_tokens = 0.0
     diag: dict[str, list[float]] = {name: [] for name in means}
     for batch in batches:
@@ -108,7 +120,8 @@ def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric:
             out, inter = eval_fn(cfg)(variables, batch)
             out = jax.device_get(out)
             ledger = ledger_from_intermediates(cfg, inter)
-            dense += dense_forward_flops(cfg, b, t, causal_ideal=True)
+            dense += dense_forward_flops(cfg, b, t)
+            dense_ideal += dense_forward_flops(cfg, b, t, causal_ideal=True)
             computed += ledger.computed
             ideal += ledger.ideal
             kept += sown_total(inter, "tokens_kept")
@@ -130,8 +143,11 @@ def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric:
         "quality": loss / LN2 if metric == "bpb" else accuracy,
         "loss": loss,
         "accuracy": accuracy,
-        "trf": dense / ideal if ideal else nan,
         "trf_computed": dense / computed if computed else nan,
+        "trf_ideal": dense_ideal / ideal if ideal else nan,
+        "flops_dense": dense if not decode else nan,
+        "flops_computed": computed if not decode else nan,
+        "flops_ideal": ideal if not decode else nan,
         "keep_ratio": (kept / (n_prune * tokens) if n_prune else 1.0) if not decode else nan,
         "pair_ratio": pairs / (cfg.num_layers * causal_pairs) if not decode else nan,
         "layers_per_token": (layer_tokens / depth_tokens if depth_tokens else float(cfg.num_layers)) if not decode else nan,

@@ -15,10 +15,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
+from ling_jax.ledger import kv_flops_per_token
 from ling_jax.layers.attention import Attention, AttentionMask
+from ling_jax.layers.kv_cache import CACHE_OP
 from ling_jax.layers.basics import MLP, Embed, RMSNorm, compute_dtype, dense_init, param_with_axes
 from ling_jax.layers.pruning_compaction import compact_after_block, expand_compacted
 from ling_jax.layers import depth as depth_lib
+from ling_jax.policy import CARRY_KEY as POLICY, InferencePolicy, inference_policy
+from ling_jax.routing import compact, expand
 
 
 Carry = dict  # per-token state threaded through the blocks (e.g. cascaded pruning keep flags)
@@ -29,33 +33,54 @@ class Block(nn.Module):
 
     Hook points: a token pruner before attention on pruning layers (it may tighten ``mask``),
     and an MoE layer in place of the MLP on MoE layers.
+
+    ``queries`` (adaptive depth) restricts the work to some tokens: ``(indices [B, C], valid
+    [B, C])`` from :func:`ling_jax.routing.selection_indices`. Every token still gives keys and
+    values (from its current state); only the ``C`` selected tokens get queries, attention output
+    and the feed-forward, and only they are updated. ``C`` may be 0 (keys and values only).
     """
 
     config: ModelConfig
     layer_index: int
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, carry: Carry) -> tuple[Array, AttentionMask, Carry]:
+    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, carry: Carry,
+                 queries: Optional[tuple[Int[Array, "B C"], Bool[Array, "B C"]]] = None) -> tuple[Array, AttentionMask, Carry]:
         cfg = self.config
-        n_tokens = depth_lib.computed_tokens(x, mask, carry)  # all tokens unless adaptive depth froze some
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
         if self.layer_index in cfg.pruning_layers:
             from ling_jax.layers.pruning import TokenPruner
 
             mask, carry = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, carry)
-        x = x + Attention(cfg, name="attn")(h, mask, carry).astype(x.dtype)  # carry: KV-cache op, if any
-        h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
+        kv_only = 0.0  # tokens whose keys and values are computed without their query
+        if queries is None:
+            x_q, h_q, q_mask, kv_x = x, h, mask, None
+        else:
+            indices, slot_valid = queries
+            x_q, h_q = compact(x, indices), compact(h, indices)  # [B, C, E]
+            q_mask, kv_x = mask.select_queries(indices, slot_valid), h
+            b, t, c = x.shape[0], x.shape[1], indices.shape[1]
+            # With no query and no cache to fill, nothing reads the keys: XLA drops them.
+            if c > 0 or (isinstance(carry, dict) and carry.get(CACHE_OP) is not None):
+                kv_only = b * (t - c)
+        if self.layer_index in cfg.pruning_layers or cfg.depth.exit_enabled:
+            self.sow("intermediates", "flops_kv_only", jnp.float32(kv_only * kv_flops_per_token(cfg)))
+        n_tokens = jnp.float32(x_q.shape[0] * x_q.shape[1])  # every computed slot counts, valid or not
+        x_q = x_q + Attention(cfg, name="attn")(h_q, q_mask, carry, kv_x=kv_x).astype(x.dtype)
+        h_q = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_q)
         if self.layer_index in cfg.moe_layers:
             from ling_jax.layers.moe import MoE
 
-            ffn_out = MoE(cfg, name="moe")(h, mask.q_valid)
+            ffn_out = MoE(cfg, name="moe")(h_q, q_mask.q_valid)
         else:
-            ffn_out = MLP(cfg, name="mlp")(h)
+            ffn_out = MLP(cfg, name="mlp")(h_q)
             self.sow("intermediates", "mlp_tokens", n_tokens)
-        x = x + ffn_out.astype(x.dtype)
+        x_q = x_q + ffn_out.astype(x.dtype)
         self.sow("intermediates", "tokens_computed", n_tokens)
-        return x, mask, carry
+        if queries is not None:
+            x_q = expand(x_q, indices, slot_valid, x)  # [B, T, E]: unselected tokens unchanged
+        return x_q, mask, carry
 
 
 class Transformer(nn.Module):
@@ -103,9 +128,12 @@ class Transformer(nn.Module):
         loss_mask: Optional[Float[Array, "B T"]] = None,
         forced_exit: Optional[Int[Array, "B T"]] = None,
         carry: Optional[Carry] = None,
+        policy: Optional[InferencePolicy] = None,
     ) -> Float[Array, "B T V"]:
         """``targets``/``loss_mask`` train the early-exit heads (``loss_exit``); ``forced_exit`` [B, T]
-        replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never)."""
+        replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never).
+        ``policy`` (:mod:`ling_jax.policy`) holds the call-time thresholds, traced: a sweep over
+        them compiles once (default: the config's values)."""
         b, t = tokens.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} is larger than the model supports (max_seq_len={self.config.max_seq_len})")
@@ -115,11 +143,12 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # [B, T, E]
         # ``carry`` seeds the block carry: {"step": training step, "oracle_keep": [B, T] oracle mask,
         # "cache_op": "prefill" | "decode" with "cache_slots" (KV-cache decoding, ling_jax/generate.py)}.
-        carry = {**depth_lib.start_carry(self.config, b, t), **(carry or {})}
+        carry = {**depth_lib.start_carry(self.config, b, t), **(carry or {}),
+                 POLICY: inference_policy(self.config) if policy is None else policy}
         compaction = None  # pruning: where the compacted sequence lives (ling_jax/layers/pruning_compaction.py)
         for i, block in enumerate(self.blocks):
             if self.depth_layers:
-                x, mask, carry = self.depth_layers[i](block, self.logits, x, mask, carry, targets, loss_mask, forced_exit)
+                x, mask, carry = depth_lib.run_layer(self, i, x, mask, carry, targets, loss_mask, forced_exit)
             else:
                 x, mask, carry = block(x, mask, carry)
             # -- pruning: drop the tokens this block's pruner did not keep from all later layers --

@@ -19,6 +19,33 @@ def capacity_for(seq_len: int, fraction: float) -> int:
     return max(1, min(seq_len, int(round(seq_len * fraction))))
 
 
+def bucket_sizes(seq_len: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Static capacities for a variable number of selected tokens: ``capacity_for`` of each
+    fraction (a fraction of 0 is the empty bucket: nothing selected), sorted and deduplicated.
+
+    A forward pass picks the smallest bucket that holds the batch's real count
+    (:func:`choose_bucket`), so a sequence where few tokens are selected computes few.
+    """
+    return tuple(sorted({0 if f == 0 else capacity_for(seq_len, f) for f in fractions}))
+
+
+def choose_bucket(selected: Bool[Array, "B T"], sizes: tuple[int, ...]) -> Int[Array, ""]:
+    """Index into ``sizes`` of the smallest capacity that holds every row's selected tokens.
+
+    Overflow rule: if the largest bucket is smaller than a row's count, the largest is chosen and
+    :func:`selection_indices` keeps the row's first (earliest) selected tokens; the later ones are
+    not selected (a causal rule: whether a token fits depends only on earlier tokens).
+    """
+    count = jnp.max(jnp.sum(selected, axis=1, dtype=jnp.int32))  # the fullest row decides
+    fits = jnp.asarray(sizes, jnp.int32) >= count  # [K]
+    return jnp.where(jnp.any(fits), jnp.argmax(fits), len(sizes) - 1).astype(jnp.int32)
+
+
+def within_capacity(selected: Bool[Array, "B T"], capacity: int | Array) -> Bool[Array, "B T"]:
+    """The selected tokens that :func:`selection_indices` keeps at ``capacity``: each row's first ones."""
+    return selected & (jnp.cumsum(selected, axis=1, dtype=jnp.int32) <= capacity)
+
+
 def top_k_mask(scores: Float[Array, "B T"], k: int, valid: Optional[Bool[Array, "B T"]] = None) -> Bool[Array, "B T"]:
     """Marks the k highest-scoring valid tokens of each row (ties broken by lower index)."""
     if valid is not None:

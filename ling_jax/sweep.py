@@ -13,8 +13,10 @@ evaluates the same weights under:
 * training-free baselines at the same budgets (default: ``window``, sinks + recent window as in
   StreamingLLM), which ignore the learned scores.
 
-Each row holds the keep ratio, the ledger's token reduction factor (dense causal FLOPs / FLOPs an
-ideal kernel computes), the quality (bits per byte or accuracy) and the relative loss vs
+Each row holds the keep ratio, the ledger's token reduction factor in its two kinds
+(``token_reduction``: *computed*, FLOPs the dense model's compiled program executes / FLOPs this
+variant's program executes; ``token_reduction_ideal``: dense causal FLOPs / FLOPs an ideal sparse
+kernel would execute), the quality (bits per byte or accuracy) and the relative loss vs
 ``keep_all``. ``ling-jax train`` runs it after training whenever pruning is enabled; ``ling-jax
 sweep --workdir W`` runs it on a finished workdir. The full multi-seed study with every baseline
 and measured wall times is ``experiments/sweep_pruning.py``.
@@ -85,7 +87,7 @@ def pruning_sweep(
     """Evaluates every variant of :func:`sweep_variants` on ``batches`` (dicts of Batch fields).
 
     ``budgets=None``: :func:`default_budgets` of the batches' sequence length. Rows: ``rule``,
-    ``value``, ``keep_ratio``, ``token_reduction``, ``quality`` (``metric``: "bpb" or
+    ``value``, ``keep_ratio``, ``token_reduction`` (computed), ``token_reduction_ideal``, ``quality`` (``metric``: "bpb" or
     "accuracy"), ``rel_loss`` (positive = worse than ``keep_all``).
     """
     if not batches:
@@ -100,25 +102,27 @@ def pruning_sweep(
         if decode:  # the KV cache has no ledger: a budget-b cache shows each query b keys, as the window policy does
             window = dataclasses.replace(vcfg, pruning=dataclasses.replace(vcfg.pruning, baseline="window"))
             flops = evaluate(window, variables, batches, metric)
-            r.update(trf=flops["trf"], keep_ratio=flops["keep_ratio"])
+            r.update({k: flops[k] for k in ("trf_computed", "trf_ideal", "keep_ratio")})
         reference = rows[0]["quality"] if rows else r["quality"]
-        rows.append({"rule": rule, "value": value, "keep_ratio": r["keep_ratio"], "token_reduction": r["trf"],
-                     "quality": r["quality"], "rel_loss": relative_loss(r["quality"], reference, metric)})
+        rows.append({"rule": rule, "value": value, "keep_ratio": r["keep_ratio"], "token_reduction": r["trf_computed"],
+                     "token_reduction_ideal": r["trf_ideal"], "quality": r["quality"],
+                     "rel_loss": relative_loss(r["quality"], reference, metric)})
     return rows
 
 
 def format_table(rows: Sequence[dict], metric: str) -> str:
     """Plain-text table of sweep rows."""
-    head = f"{'rule':<15} {'value':>6} {'keep ratio':>10} {'token reduction':>15} {metric:>9} {'rel. loss':>9}"
+    head = (f"{'rule':<15} {'value':>6} {'keep ratio':>10} {'reduction computed':>18} {'reduction ideal':>15} "
+            f"{metric:>9} {'rel. loss':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         value = "-" if r["value"] is None else f"{r['value']:g}"
-        lines.append(f"{r['rule']:<15} {value:>6} {r['keep_ratio']:>10.3f} {r['token_reduction']:>14.2f}x "
-                     f"{r['quality']:>9.3f} {100 * r['rel_loss']:>+8.1f}%")
+        lines.append(f"{r['rule']:<15} {value:>6} {r['keep_ratio']:>10.3f} {r['token_reduction']:>17.2f}x "
+                     f"{r['token_reduction_ideal']:>14.2f}x {r['quality']:>9.3f} {100 * r['rel_loss']:>+8.1f}%")
     return "\n".join(lines)
 
 
 def best_within(rows: Sequence[dict], tolerance: float = 0.02) -> Optional[dict]:
-    """The row with the largest token reduction whose relative loss is at most ``tolerance``."""
+    """The row with the largest computed token reduction whose relative loss is at most ``tolerance``."""
     ok = [r for r in rows if r["rel_loss"] <= tolerance and r["rule"] != "keep_all"]
     return max(ok, key=lambda r: r["token_reduction"]) if ok else None

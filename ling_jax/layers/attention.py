@@ -88,6 +88,12 @@ class AttentionMask:
             kv_keep=take(self.kv_keep), kv_log_keep=take(self.kv_log_keep), kv_expire=take(self.kv_expire),
         )
 
+    def select_queries(self, indices: Int[Array, "B C"], valid: Bool[Array, "B C"]) -> "AttentionMask":
+        """The mask of queries ``indices`` (slots with ``valid=False`` invalid) against every key:
+        for blocks that compute keys and values for all tokens but queries for a few."""
+        take = lambda a: jnp.take_along_axis(a, indices, axis=1)  # noqa: E731  [B, C]
+        return self.replace(q_positions=take(self.q_positions), q_valid=take(self.q_valid) & valid)
+
     def visible_pairs(self) -> Float[Array, ""]:
         """Number of (batch, query, key) pairs with a visible key: the work an ideal kernel does."""
         return jnp.sum(self.dense()[0], dtype=jnp.float32)
@@ -215,15 +221,26 @@ class Attention(nn.Module):
         dtype = compute_dtype(self.config)
         return jnp.einsum("bthd,hde->bte", out, self.wo.astype(dtype))
 
-    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, carry: Optional[dict] = None) -> Float[Array, "B T E"]:
+    def __call__(self, x: Float[Array, "B Tq E"], mask: AttentionMask, carry: Optional[dict] = None,
+                 kv_x: Optional[Float[Array, "B Tk E"]] = None) -> Float[Array, "B Tq E"]:
+        """Queries from ``x``; keys and values from ``kv_x`` (default ``x``: self-attention)."""
         cache_op = None if carry is None else carry.get(kv_cache.CACHE_OP)
         if cache_op == kv_cache.DECODE:
+            if x.shape[1] == 0:  # no query this step (every row exited): write the keys and values only
+                self._store(self._write(self._load(), kv_x, mask, carry))
+                for name in ("attn_pairs_visible", "attn_pairs_computed"):
+                    self.sow("intermediates", name, jnp.float32(0.0))
+                self.sow("intermediates", "kv_entries", jnp.sum(self._load()["pos"] >= 0, dtype=jnp.float32))
+                return jnp.zeros(x.shape, compute_dtype(self.config))
             return self.decode(x, mask, carry)
         if cache_op not in (None, kv_cache.PREFILL):
             raise ValueError(f"carry['cache_op'] must be None, 'prefill' or 'decode', got {cache_op!r}")
         q = self._query(x, mask.q_positions)
-        k, v = self._key_value(x, mask.kv_positions)
-        out = attend(q, k, v, mask, impl=self.config.attention_impl)  # [B, T, H, D]
+        k, v = self._key_value(x if kv_x is None else kv_x, mask.kv_positions)
+        # Queries of a subset of the tokens (adaptive depth): their indices no longer match the key
+        # order the block-sparse kernel's causality assumes, so the position-masked XLA path runs.
+        impl = self.config.attention_impl if kv_x is None else "xla"
+        out = attend(q, k, v, mask, impl=impl)  # [B, Tq, H, D]
         b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
         held = kv_cache.held_by_last_query(mask)  # [B, Tk]: what a KV cache would hold afterwards
         self.sow("intermediates", "attn_pairs_visible", mask.visible_pairs())

@@ -1,26 +1,35 @@
 """Adaptive depth: Mixture-of-Depths routing and confidence-based early exit around each block.
 
-When ``config.depth`` enables either mechanism, the Transformer wraps every block ``i`` in a
-:class:`DepthLayer` (parameters under ``block_{i}_depth``) that
+When ``config.depth`` enables either mechanism, the Transformer runs every block ``i`` through
+:func:`run_layer`, with the depth parameters of layer ``i`` in a :class:`DepthLayer`
+(``block_{i}_depth``: the MoD router, the exit head's norm and the exit classifier).
 
-* on Mixture-of-Depths layers scores tokens with a router and runs the block on the selected ones
-  only: compacted to a static capacity (training, or ``mod_inference="topk"``), or masked with a
-  causal per-token decision (inference). Unselected tokens pass on the residual and, in the
-  masked path, give no keys or values to the block's attention (as in the compacted path);
-* freezes tokens that exited earlier (inference; in training a random ``exit_train_freeze``
-  fraction, given a ``"depth"`` rng): their hidden state is carried up unchanged, the block still
-  computes their keys and values from it (so later tokens can attend to them) but not their
-  queries, attention output or MLP, and their output logits are those of their exit head;
-* on exit layers evaluates the exit head (own RMSNorm + the shared output head) and the exit
-  classifier; in training sows the weighted exit cross-entropy (``loss_exit``), in inference
-  decides which tokens exit now.
+**Inference** (``depth.mode="infer"``) skips work in the compiled program, not only in the count.
+A variable number of tokens is gathered into a static capacity: the smallest of a few buckets
+(``depth.infer_buckets``, fractions of the sequence) that holds the batch's real count, chosen
+per layer with ``nn.switch`` (:func:`ling_jax.routing.choose_bucket`). Then
+
+* a token that exited earlier is *frozen*: its hidden state is carried up unchanged; the block
+  still computes its keys and values (later tokens attend to it) but not its query, attention
+  output or feed-forward (``Block(queries=...)``), and no exit head or final head runs on it;
+* on a Mixture-of-Depths layer the tokens the causal rule routes (predictor or router threshold,
+  thresholds from the call-time :class:`~ling_jax.policy.InferencePolicy`) run the block among
+  themselves; the others pass on the residual and give no keys or values there;
+* on an exit layer the exit head and the confidence run on the live tokens only.
+
+In decoding (one token per row) the buckets are 0 and 1 rows: once every row has exited, the
+remaining layers only write the rows' keys and values into the cache (CALM-style).
+
+**Training** (``depth.mode="train"``): MoD routes the top ``mod_capacity`` of each sequence
+(compacted, non-causal); every exit head is evaluated on every token for its loss; with
+``exit_train_freeze`` (and a ``"depth"`` rng) a random fraction of tokens exits and is carried up
+(masked: computed, and counted as computed).
 
 Per-token state lives in the block ``carry`` under ``depth_*`` keys, so it follows any sequence
-compaction; seeding the carry with ``{EXIT_THRESHOLD: value}`` (``Transformer(carry=...)``) sweeps
-the exit threshold without recompiling (the value is not range-checked). Statistics go to
-``intermediates`` (ledger counts, ``depth_layer_tokens`` / ``depth_tokens`` for layers used per
-token, MoD predictor accuracy counts) and per-token decisions to the ``depth`` collection
-(``mod_routed``, ``exit_confidence``, ``exit_layer``, ``layers_used``; never at init).
+compaction. Statistics go to ``intermediates`` (ledger counts, ``depth_layer_tokens`` /
+``depth_tokens`` for layers used per token, MoD predictor accuracy counts) and per-token decisions
+to the ``depth`` collection (``mod_routed``, ``exit_confidence``, ``exit_layer``, ``layers_used``;
+never at init).
 """
 
 from __future__ import annotations
@@ -33,9 +42,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
+from ling_jax.layers import kv_cache
 from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.basics import RMSNorm
-from ling_jax.ledger import sown_total
 from ling_jax.layers.depth_exit import (
     classifier_bce, exit_cross_entropy, exit_points, saturation_confidence, softmax_features, threshold_at,
 )
@@ -43,14 +52,16 @@ from ling_jax.layers.depth_mod import (
     MoDRouter, SmallMLP, causal_selection, predictor_bce, predictor_routes, rms_normalize, router_flops_per_token,
     run_compacted, small_mlp_flops, topk_selection, weighted_update,
 )
-from ling_jax.routing import compact, expand, selection_indices
+from ling_jax.ledger import sown_total
+from ling_jax.policy import CARRY_KEY as POLICY, InferencePolicy, policy_of
+from ling_jax.routing import (
+    bucket_sizes, capacity_for, choose_bucket, compact, expand, selection_indices, within_capacity,
+)
 
 EXITED = "depth_exited"  # [B, T] bool: the token exited at an earlier layer (inference)
 EXIT_LOGITS = "depth_exit_logits"  # [B, T, V] float32: logits of the exit head it left at
 EXIT_LAYER = "depth_exit_layer"  # [B, T] int32: layer it exited after (num_layers - 1: never)
 LAYERS_USED = "depth_layers_used"  # [B, T] int32: blocks that updated the token so far
-EXIT_THRESHOLD = "depth_exit_threshold"  # optional seed: a traced threshold replacing config.exit_threshold
-COUNT_QUERIES = "depth_count_queries"  # flag: the block counts only tokens with a valid query
 _PRED, _CLS = "depth_exit_pred_", "depth_exit_cls_"  # training: per exit layer greedy token / classifier logit
 
 
@@ -62,13 +73,6 @@ def _exiting(cfg: ModelConfig) -> bool:
     """Tokens can exit in this forward pass: inference, or training with ``exit_train_freeze``."""
     depth = cfg.depth
     return depth.exit_enabled and bool(exit_points(cfg)) and (depth.mode == "infer" or depth.exit_train_freeze > 0)
-
-
-def computed_tokens(x: Float[Array, "B T E"], mask: AttentionMask, carry: Mapping[str, Any]) -> Float[Array, ""]:
-    """Tokens a block really computes: all of them, or (adaptive-depth inference) the live queries."""
-    if COUNT_QUERIES in carry:
-        return jnp.sum(mask.q_valid, dtype=jnp.float32)
-    return jnp.float32(x.shape[0] * x.shape[1])
 
 
 def start_carry(cfg: ModelConfig, b: int, t: int) -> dict:
@@ -88,31 +92,48 @@ def sow_decision(module: nn.Module, name: str, value: Array) -> None:
         module.sow("depth", name, value)
 
 
-def _kv_flops_per_token(cfg: ModelConfig) -> float:
-    return 2.0 * cfg.d_model * 2 * cfg.num_kv_heads * cfg.resolved_head_dim
-
-
-def _masked_block(block, x, mask: AttentionMask, carry: dict, q_on, kv_on):
-    """Runs the block on all tokens with queries only for ``q_on`` and keys only for ``kv_on``."""
-    inner = mask.replace(q_valid=mask.q_valid & q_on, kv_valid=mask.kv_valid if kv_on is None else mask.kv_valid & kv_on)
-    out, new_mask, carry = block(x, inner, {**carry, COUNT_QUERIES: jnp.bool_(True)})
-    carry = {k: v for k, v in carry.items() if k != COUNT_QUERIES}
-    if out.shape != x.shape:
-        raise ValueError(f"adaptive depth needs blocks that keep their input shape {x.shape}, got {out.shape}")
-    kv_only = jnp.sum(inner.kv_valid & ~inner.q_valid, dtype=jnp.float32)
-    return out, new_mask.replace(q_valid=mask.q_valid, kv_valid=mask.kv_valid), carry, kv_only
-
-
 class DepthLayer(nn.Module):
-    """Wraps block ``layer_index`` with Mixture-of-Depths routing, exit freezing and an exit head."""
+    """Depth parameters of block ``layer_index``; ``__call__`` is the training path."""
 
     config: ModelConfig
     layer_index: int
 
-    @nn.compact
+    def setup(self):
+        cfg, i = self.config, self.layer_index
+        if i in cfg.mod_layers:
+            self.mod = MoDRouter(cfg)
+        if cfg.depth.exit_enabled and i in exit_points(cfg):
+            self.exit_norm = RMSNorm(cfg.norm_eps)
+            self.exit_classifier = SmallMLP(cfg.depth.predictor_dim)
+
+    def route(self, x: Float[Array, "B T E"], valid: Bool[Array, "B T"],
+              policy: Optional[InferencePolicy] = None) -> tuple[Array, Array, Array]:
+        """MoD router on every token: (scores, predictor logits, top-k membership) [B, T] each."""
+        cfg = self.config
+        b, t = x.shape[:2]
+        policy = policy or policy_of(cfg, None)
+        scores, predictor = self.mod(x)  # [B, T] each
+        topk, _ = topk_selection(scores, cfg.depth.mod_capacity, valid)
+        routes = predictor_routes(predictor, policy.mod_predictor_threshold)
+        self.sow("intermediates", "mod_predictor_correct", jnp.sum((routes == topk) & valid, dtype=jnp.float32))
+        self.sow("intermediates", "mod_predictor_total", jnp.sum(valid, dtype=jnp.float32))
+        self.sow("intermediates", "flops_mod_router", jnp.float32(b * t * router_flops_per_token(cfg)))
+        return scores, predictor, topk
+
+    def exit_head(self, head: Callable, x: Float[Array, "B C E"]) -> tuple[Array, Array, Array]:
+        """Exit head on ``x``: (logits [B, C, V], softmax features [B, C, 3], classifier logit [B, C])."""
+        b, c = x.shape[:2]
+        logits = head(x, norm=self.exit_norm)  # [B, C, V] float32 (the head sows its tokens)
+        features = jax.lax.stop_gradient(softmax_features(logits))  # [B, C, 3]
+        cls_logit = self.exit_classifier(jax.lax.stop_gradient(rms_normalize(x)), features)  # [B, C]
+        self.sow("intermediates", "flops_exit_classifier",
+                 jnp.float32(b * c * small_mlp_flops(self.config.d_model, self.config.depth.predictor_dim)))
+        return logits, features, cls_logit
+
     def __call__(self, block: Callable, head: Callable, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict,
-                 targets: Optional[Int[Array, "B T"]] = None, loss_mask: Optional[Float[Array, "B T"]] = None,
-                 forced_exit: Optional[Int[Array, "B T"]] = None) -> tuple[Array, AttentionMask, dict]:
+                 targets: Optional[Int[Array, "B T"]] = None,
+                 loss_mask: Optional[Float[Array, "B T"]] = None) -> tuple[Array, AttentionMask, dict]:
+        """Training: compacted top-k MoD, exit heads on every token (losses), random freezing."""
         cfg, i = self.config, self.layer_index
         b, t = x.shape[:2]
         valid = mask.q_valid
@@ -120,123 +141,249 @@ class DepthLayer(nn.Module):
         exited = carry[EXITED] if exiting else jnp.zeros((b, t), bool)
         own = {k: v for k, v in carry.items() if k.startswith("depth_")}
         blk = {k: v for k, v in carry.items() if not k.startswith("depth_")}
-        x_in = x
-        kv_only = jnp.float32(0.0)
         if i in cfg.mod_layers:
-            x, mask, blk, updated, kv_only = self._routed(block, x, mask, blk, exited, exiting)
-        elif exiting:
-            out, mask, blk, kv_only = _masked_block(block, x, mask, blk, ~exited, None)
-            updated = ~exited
-            x = jnp.where(updated[..., None], out, x)
+            x, mask, blk, updated = self._routed(block, x, mask, blk, exited, exiting)
         else:
-            x, mask, blk = block(x, mask, blk)
-            updated = jnp.ones((b, t), bool)
+            inner = mask.replace(q_valid=mask.q_valid & ~exited) if exiting else mask  # frozen: masked, computed
+            out, mask, blk = block(x, inner, blk)
+            mask = mask.replace(q_valid=valid)
+            updated = valid & ~exited
+            x = jnp.where(updated[..., None], out, x) if exiting else out
         self.sow("intermediates", "depth_layer_tokens", jnp.sum(updated & valid, dtype=jnp.float32))
         own[LAYERS_USED] = own[LAYERS_USED] + updated
-        if exiting:
-            self.sow("intermediates", "flops_exit_kv", kv_only * _kv_flops_per_token(cfg))
-        if i in exit_points(cfg):
-            own = self._exit(head, x, x_in, updated, mask, own, exited, targets, loss_mask, forced_exit)
+        if i in exit_points(cfg) and cfg.depth.exit_enabled:
+            own = self._exit_train(head, x, mask, own, exited, targets, loss_mask)
         return x, mask, {**blk, **own}
 
     def _routed(self, block, x, mask, carry, exited, exiting):
-        """Mixture-of-Depths: returns (x, mask, carry, updated tokens, key/value-only token count)."""
+        """Training MoD: the top ``mod_capacity`` tokens run the block, compacted."""
         cfg, depth = self.config, self.config.depth
-        b, t = x.shape[:2]
         valid = mask.q_valid
-        scores, predictor = MoDRouter(cfg, name="mod")(x)  # [B, T] each
-        topk, capacity = topk_selection(scores, depth.mod_capacity, valid)
-        prob = jax.nn.sigmoid(scores)
-        infer = depth.mode == "infer"
-        compacted = not infer or depth.mod_inference == "topk"
-        routed = topk if compacted else causal_selection(cfg, scores, predictor) & valid
+        scores, predictor, topk = self.route(x, valid)
+        self.sow("intermediates", "mod_routed_tokens", jnp.sum(topk, dtype=jnp.float32))
+        sow_decision(self, "mod_routed", topk)
+        weight = depth.aux_loss_weight / len(cfg.mod_layers)
+        self.sow("intermediates", "loss_mod_predictor",
+                 weight * predictor_bce(predictor, jax.lax.stop_gradient(topk), valid))
+        x, mask, carry = _run_routed(cfg, block, x, mask, carry, topk, jax.nn.sigmoid(scores),
+                                     capacity_for(x.shape[1], depth.mod_capacity), exited if exiting else None)
+        return x, mask, carry, topk & ~exited
 
-        n_valid = jnp.sum(valid, dtype=jnp.float32)
-        self.sow("intermediates", "mod_predictor_correct", jnp.sum((predictor_routes(cfg, predictor) == topk) & valid, dtype=jnp.float32))
-        self.sow("intermediates", "mod_predictor_total", n_valid)
-        self.sow("intermediates", "mod_routed_tokens", jnp.sum(routed, dtype=jnp.float32))
-        self.sow("intermediates", "flops_mod_router", jnp.float32(b * t * router_flops_per_token(cfg)))
-        sow_decision(self, "mod_routed", routed)
-        if not infer:
-            weight = depth.aux_loss_weight / len(cfg.mod_layers)
-            self.sow("intermediates", "loss_mod_predictor",
-                     weight * predictor_bce(predictor, jax.lax.stop_gradient(topk), valid))
-
-        if compacted:
-            indices, slot_valid = selection_indices(topk, capacity)  # [B, C] each
-            query_off = exited if exiting else None
-            if exiting:
-                carry = {**carry, COUNT_QUERIES: jnp.bool_(True)}
-            x_c, out_c, mask, carry = run_compacted(block, x, mask, carry, indices, slot_valid, query_off)
-            carry = {k: v for k, v in carry.items() if k != COUNT_QUERIES}
-            y_c = weighted_update(cfg, x_c, out_c, compact(prob, indices))  # [B, C, E]
-            if exiting:
-                y_c = jnp.where(compact(exited, indices)[..., None], x_c, y_c)  # exited: carried up
-            x = expand(y_c, indices, slot_valid, x)
-            kv_only = jnp.sum(routed & exited, dtype=jnp.float32)
-            return x, mask, carry, routed & ~exited, kv_only
-        updated = routed & ~exited
-        out, mask, carry, kv_only = _masked_block(block, x, mask, carry, updated, routed)
-        x = jnp.where(updated[..., None], weighted_update(cfg, x, out, prob), x)
-        return x, mask, carry, updated, kv_only
-
-    def _exit(self, head, x, x_in, updated, mask, own, exited, targets, loss_mask, forced_exit):
-        """Exit head: training losses, and which live tokens exit after this layer."""
+    def _exit_train(self, head, x, mask, own, exited, targets, loss_mask):
+        """Training exit head: its cross-entropy, the classifier's inputs, and random exits."""
         cfg, depth, i = self.config, self.config.depth, self.layer_index
         valid = mask.q_valid
-        live = jnp.sum(~exited, dtype=jnp.float32)
-        logits = head(x, norm=RMSNorm(cfg.norm_eps, name="exit_norm"), tokens=live)  # [B, T, V] float32
-        features = jax.lax.stop_gradient(softmax_features(logits))  # [B, T, 3]
-        cls_logit = SmallMLP(depth.predictor_dim, name="exit_classifier")(
-            jax.lax.stop_gradient(rms_normalize(x)), features)  # [B, T]
-        self.sow("intermediates", "flops_exit_classifier", live * small_mlp_flops(cfg.d_model, depth.predictor_dim))
+        logits, _, cls_logit = self.exit_head(head, x)
         points = exit_points(cfg)
-        if depth.mode == "train":
-            if targets is not None:
-                lm = (valid & ~exited).astype(jnp.float32) * (1.0 if loss_mask is None else loss_mask)
-                weight = depth.exit_loss_weight / len(points)
-                self.sow("intermediates", "loss_exit", weight * exit_cross_entropy(logits, targets, lm))
-            own = {**own, f"{_PRED}{i}": jnp.argmax(logits, axis=-1), f"{_CLS}{i}": cls_logit}
-            if not (_exiting(cfg) and self.has_rng("depth")):
-                return own
-            # Random exits, so later layers learn to use carried-up states: each exit point takes
-            # an equal share of the `exit_train_freeze` fraction of tokens.
-            share = depth.exit_train_freeze / len(points)
-            k = points.index(i)
-            u = jax.random.uniform(self.make_rng("depth"), valid.shape)
-            new = valid & ~exited & (u < share / (1.0 - k * share))
-        elif forced_exit is not None:
-            new = valid & ~exited & (forced_exit == i)
-        else:
+        if targets is not None:
+            lm = (valid & ~exited).astype(jnp.float32) * (1.0 if loss_mask is None else loss_mask)
+            weight = depth.exit_loss_weight / len(points)
+            self.sow("intermediates", "loss_exit", weight * exit_cross_entropy(logits, targets, lm))
+        own = {**own, f"{_PRED}{i}": jnp.argmax(logits, axis=-1), f"{_CLS}{i}": cls_logit}
+        if not (_exiting(cfg) and self.has_rng("depth")):
+            return own
+        # Random exits, so later layers learn to use carried-up states: each exit point takes
+        # an equal share of the `exit_train_freeze` fraction of tokens.
+        share = depth.exit_train_freeze / len(points)
+        k = points.index(i)
+        u = jax.random.uniform(self.make_rng("depth"), valid.shape)
+        new = valid & ~exited & (u < share / (1.0 - k * share))
+        return {**own, EXITED: exited | new, EXIT_LOGITS: jnp.where(new[..., None], logits, own[EXIT_LOGITS]),
+                EXIT_LAYER: jnp.where(new, i, own[EXIT_LAYER])}
+
+
+def _run_routed(cfg: ModelConfig, block: Callable, x, mask: AttentionMask, carry: dict, routed, prob, capacity: int,
+                exited: Optional[Array]):
+    """MoD block on the routed tokens gathered into ``capacity`` slots: (x, mask, carry).
+
+    Routed tokens that exited earlier give keys and values but are not updated (masked queries).
+    """
+    indices, slot_valid = selection_indices(routed, capacity)  # [B, C] each
+    x_c, out_c, mask, carry = run_compacted(block, x, mask, carry, indices, slot_valid, exited)
+    y_c = weighted_update(cfg, x_c, out_c, compact(prob, indices))  # [B, C, E]
+    if exited is not None:
+        y_c = jnp.where(compact(exited, indices)[..., None], x_c, y_c)  # exited: carried up
+    return expand(y_c, indices, slot_valid, x), mask, carry
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _is_dynamic(key: str, value: Any) -> bool:
+    return key != POLICY and isinstance(value, jax.Array)
+
+
+def _bucketed(model: nn.Module, selected: Bool[Array, "B T"], sizes: tuple[int, ...], make_branch: Callable,
+              carry: dict):
+    """Runs ``make_branch(capacity)(model)`` for the smallest bucket holding ``selected``.
+
+    Branches return ``(outputs, carry)``; only the carry's arrays pass through the switch, its
+    other entries (policy, cache op, slot counts) are put back after. Returns (outputs, carry,
+    the selected tokens that fit the chosen capacity [B, T]).
+    """
+    static = {k: v for k, v in carry.items() if not _is_dynamic(k, v)}
+    if len(sizes) == 1:
+        out, new = make_branch(sizes[0])(model)
+        return out, {**new, **static}, within_capacity(selected, sizes[0])
+
+    def branch(capacity):
+        def run(mdl):
+            out, new = make_branch(capacity)(mdl)
+            return out, {k: v for k, v in new.items() if _is_dynamic(k, v)}
+        return run
+
+    index = choose_bucket(selected, sizes)
+    out, dynamic = nn.switch(index, [branch(c) for c in sizes], model)
+    return out, {**dynamic, **static}, within_capacity(selected, jnp.asarray(sizes, jnp.int32)[index])
+
+
+def _infer_buckets(cfg: ModelConfig, t: int, *, with_empty: bool = True) -> tuple[int, ...]:
+    """``depth.infer_buckets`` as capacities for ``t`` tokens (without the empty one: at least 1)."""
+    sizes = bucket_sizes(t, cfg.depth.bucket_fractions)
+    return sizes if with_empty else tuple(sorted({max(1, c) for c in sizes}))
+
+
+def run_layer(model: nn.Module, i: int, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict,
+              targets: Optional[Int[Array, "B T"]] = None, loss_mask: Optional[Float[Array, "B T"]] = None,
+              forced_exit: Optional[Int[Array, "B T"]] = None) -> tuple[Array, AttentionMask, dict]:
+    """Block ``i`` of ``model`` (the Transformer) with adaptive depth: training or inference path."""
+    cfg = model.config
+    if cfg.depth.mode == "train":
+        return model.depth_layers[i](model.blocks[i], model.logits, x, mask, carry, targets, loss_mask)
+    b, t = x.shape[:2]
+    layer = model.depth_layers[i]
+    valid = mask.q_valid
+    exiting = _exiting(cfg)
+    exited = carry[EXITED] if exiting else jnp.zeros((b, t), bool)
+    own = {k: v for k, v in carry.items() if k.startswith("depth_")}
+    blk = {k: v for k, v in carry.items() if not k.startswith("depth_")}
+    policy = policy_of(cfg, carry)
+    x_in = x
+    if i in cfg.mod_layers:
+        x, mask, blk, updated = _routed_infer(model, i, x, mask, blk, exited if exiting else None, policy)
+    elif exiting:
+        live = valid & ~exited
+
+        def make_branch(capacity):
+            def run(mdl):
+                if capacity == t:  # every slot: the plain block, frozen tokens' queries masked
+                    out, m, c = mdl.blocks[i](x, mask.replace(q_valid=live), blk)
+                    return (jnp.where(live[..., None], out, x), m.replace(q_valid=valid)), c
+                queries = selection_indices(live, capacity)  # [B, C] each
+                out, m, c = mdl.blocks[i](x, mask, blk, queries=queries)
+                return (out, m), c
+            return run
+
+        # A cache prefill stores what the last query sees: it runs every slot (prompts of depth
+        # models are decoded token by token, ling_jax/generate_exit.py; this builds the empty cache).
+        prefill = blk.get(kv_cache.CACHE_OP) == kv_cache.PREFILL
+        sizes = (t,) if prefill else _infer_buckets(cfg, t)
+        (x, mask), blk, updated = _bucketed(model, live, sizes, make_branch, blk)
+    else:
+        x, mask, blk = model.blocks[i](x, mask, blk)
+        updated = valid
+    layer.sow("intermediates", "depth_layer_tokens", jnp.sum(updated & valid, dtype=jnp.float32))
+    own[LAYERS_USED] = own[LAYERS_USED] + updated
+    if exiting and i in exit_points(cfg):
+        own = _exit_infer(model, i, x, x_in, updated, mask, own, exited, forced_exit, policy)
+    return x, mask, {**blk, **own}
+
+
+def _routed_infer(model, i, x, mask: AttentionMask, carry: dict, exited: Optional[Array], policy: InferencePolicy):
+    """Inference MoD: the causal rule (or top-k) picks the tokens that run block ``i``, bucketed."""
+    cfg, depth = model.config, model.config.depth
+    layer = model.depth_layers[i]
+    b, t = x.shape[:2]
+    valid = mask.q_valid
+    scores, predictor, topk = layer.route(x, valid, policy)
+    if depth.mod_inference == "topk":
+        routed, sizes = topk, (capacity_for(t, depth.mod_capacity),)
+    else:
+        routed = causal_selection(cfg, scores, predictor, policy) & valid
+        sizes = _infer_buckets(cfg, t, with_empty=False)
+    layer.sow("intermediates", "mod_routed_tokens", jnp.sum(routed, dtype=jnp.float32))
+    sow_decision(layer, "mod_routed", routed)
+    prob = jax.nn.sigmoid(scores)
+
+    def make_branch(capacity):
+        def run(mdl):
+            x_new, m, c = _run_routed(cfg, mdl.blocks[i], x, mask, carry, routed, prob, capacity, exited)
+            return (x_new, m), c
+        return run
+
+    (x, mask), carry, routed = _bucketed(model, routed, sizes, make_branch, carry)
+    updated = routed if exited is None else routed & ~exited
+    return x, mask, carry, updated
+
+
+def _exit_infer(model, i, x, x_in, updated, mask: AttentionMask, own: dict, exited, forced_exit, policy):
+    """Which live tokens exit after layer ``i``: the exit head runs on the live tokens only."""
+    cfg, depth = model.config, model.config.depth
+    b, t = x.shape[:2]
+    valid = mask.q_valid
+    live = valid & ~exited
+
+    def make_branch(capacity):
+        def run(mdl):
+            indices, slot_valid = selection_indices(live, capacity)  # [B, C] each
+            take = lambda a: compact(a, indices)  # noqa: E731
+            logits, features, cls_logit = mdl.depth_layers[i].exit_head(mdl.logits, take(x))  # [B, C, ...]
             if depth.exit_confidence == "margin":
                 conf = features[..., 1]
             elif depth.exit_confidence == "saturation":
                 # A token that skipped this block (MoD) did not change: no evidence of saturation.
-                conf = jnp.where(updated, saturation_confidence(x, x_in), -1.0)
+                conf = jnp.where(take(updated), saturation_confidence(take(x), take(x_in)), -1.0)
             else:
                 conf = jax.nn.sigmoid(cls_logit)
-            sow_decision(self, "exit_confidence", conf)
-            thr = threshold_at(depth, mask.q_positions, cfg.max_seq_len, own.get(EXIT_THRESHOLD))
-            new = valid & ~exited & (conf > thr)
-        return {**own, EXITED: exited | new,
-                EXIT_LOGITS: jnp.where(new[..., None], logits, own[EXIT_LOGITS]),
-                EXIT_LAYER: jnp.where(new, i, own[EXIT_LAYER])}
+            if forced_exit is not None:
+                new = take(forced_exit) == i
+            else:
+                thr = threshold_at(depth, take(mask.q_positions), cfg.max_seq_len, policy.exit_threshold)
+                new = conf > thr
+            new = new & slot_valid
+            out = (expand(new, indices, slot_valid, jnp.zeros((b, t), bool)),
+                   expand(conf, indices, slot_valid, jnp.full((b, t), -jnp.inf, jnp.float32)),
+                   expand(logits, indices, new, own[EXIT_LOGITS]))
+            return out, {}
+        return run
+
+    (new, conf, exit_logits), _, _ = _bucketed(model, live, _infer_buckets(cfg, t), make_branch, {})
+    if forced_exit is None:
+        sow_decision(model.depth_layers[i], "exit_confidence", conf)
+    return {**own, EXITED: exited | new, EXIT_LOGITS: exit_logits, EXIT_LAYER: jnp.where(new, i, own[EXIT_LAYER])}
 
 
 def finish(model: nn.Module, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict) -> Float[Array, "B T V"]:
     """Final logits with adaptive depth: exited tokens take their exit head's logits.
 
-    ``model`` is the Transformer (for its ``logits`` head and ``sow``). In training with exit
-    heads this also sows the exit classifier's BCE (``loss_exit_classifier``), whose target is
-    whether the exit head's greedy token agrees with the final head's (tokens that went the
-    whole depth only).
+    ``model`` is the Transformer (for its ``logits`` head and ``sow``). In inference the final head
+    runs on the tokens that did not exit (bucketed). In training with exit heads this also sows
+    the exit classifier's BCE (``loss_exit_classifier``), whose target is whether the exit head's
+    greedy token agrees with the final head's (tokens that went the whole depth only).
     """
     cfg = model.config
+    b, t = x.shape[:2]
     valid = mask.q_valid
     model.sow("intermediates", "depth_tokens", jnp.sum(valid, dtype=jnp.float32))
     sow_decision(model, "layers_used", carry[LAYERS_USED])
     exited = carry[EXITED] if _exiting(cfg) else None
-    logits = model.logits(x, tokens=None if exited is None else jnp.sum(~exited, dtype=jnp.float32))
+    if exited is not None and cfg.depth.mode == "infer":
+        sow_decision(model, "exit_layer", carry[EXIT_LAYER])
+        live = valid & ~exited
+
+        def make_branch(capacity):
+            def run(mdl):
+                if capacity == t:
+                    return jnp.where(exited[..., None], carry[EXIT_LOGITS], mdl.logits(x)), {}
+                indices, slot_valid = selection_indices(live, capacity)  # [B, C] each
+                return expand(mdl.logits(compact(x, indices)), indices, slot_valid, carry[EXIT_LOGITS]), {}
+            return run
+
+        # Every token that did not exit needs its logits: the final head never overflows.
+        sizes = tuple(sorted(set(_infer_buckets(cfg, t)) | {t}))
+        logits, _, _ = _bucketed(model, live, sizes, make_branch, {})
+        return logits
+    logits = model.logits(x)
     points = exit_points(cfg)
     if cfg.depth.exit_enabled and cfg.depth.mode == "train" and points:
         final = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))

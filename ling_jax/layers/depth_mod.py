@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.basics import dense_init, param_with_axes
+from ling_jax.policy import InferencePolicy
 from ling_jax.routing import capacity_for, compact, expand, top_k_mask
 
 
@@ -92,18 +93,20 @@ def topk_selection(scores: Float[Array, "B T"], capacity: float, valid: Bool[Arr
     return top_k_mask(scores, c, valid), c
 
 
-def predictor_routes(cfg: ModelConfig, predictor: Float[Array, "B T"]) -> Bool[Array, "B T"]:
-    """The causal predictor's decision: ``sigmoid(predictor) > mod_predictor_threshold``."""
-    thr = cfg.depth.mod_predictor_threshold
-    return predictor > float(np.log(thr) - np.log1p(-thr))  # the same comparison on the logit
+def predictor_routes(predictor: Float[Array, "B T"], threshold: float | Array) -> Bool[Array, "B T"]:
+    """The causal predictor's decision: ``sigmoid(predictor) > threshold`` (``threshold`` in (0, 1))."""
+    thr = jnp.asarray(threshold, jnp.float32)
+    return predictor > jnp.log(thr) - jnp.log1p(-thr)  # the same comparison on the logit
 
 
-def causal_selection(cfg: ModelConfig, scores: Float[Array, "B T"], predictor: Float[Array, "B T"]) -> Bool[Array, "B T"]:
-    """Per-token routing decision that reads only the token's own state (no future tokens)."""
+def causal_selection(cfg: ModelConfig, scores: Float[Array, "B T"], predictor: Float[Array, "B T"],
+                     policy: "InferencePolicy") -> Bool[Array, "B T"]:
+    """Per-token routing decision that reads only the token's own state (no future tokens);
+    thresholds from the call-time ``policy`` (:mod:`ling_jax.policy`)."""
     if cfg.depth.mod_inference == "predictor":
-        return predictor_routes(cfg, predictor)
+        return predictor_routes(predictor, policy.mod_predictor_threshold)
     if cfg.depth.mod_inference == "threshold":
-        return jax.nn.sigmoid(scores) >= cfg.depth.mod_threshold
+        return jax.nn.sigmoid(scores) >= policy.mod_threshold
     raise ValueError(f"causal_selection: mod_inference must be 'predictor' or 'threshold', got {cfg.depth.mod_inference!r}")
 
 

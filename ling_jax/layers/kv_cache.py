@@ -134,6 +134,8 @@ def held_by_last_query(mask) -> Bool[Array, "B T"]:
     after a prefill of the sequence (and the sequence compaction keeps under a budget)."""
     q_valid = mask.q_valid
     t = q_valid.shape[1]
+    if t == 0:  # no query at all: no key is seen
+        return jnp.zeros(mask.kv_valid.shape, bool)
     last = t - 1 - jnp.argmax(q_valid[:, ::-1], axis=1)  # [B]
     last_pos = jnp.take_along_axis(mask.q_positions, last[:, None], axis=1)  # [B, 1]
     row = mask.replace(q_positions=last_pos, q_valid=jnp.any(q_valid, axis=1, keepdims=True))

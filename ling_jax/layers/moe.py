@@ -40,7 +40,7 @@ from jaxtyping import Array, Bool, Float
 from ling_jax.config import ModelConfig, MoEConfig
 from ling_jax.layers import moe_routers as routers
 from ling_jax.layers.basics import MLP, compute_dtype, dense_init, param_with_axes
-from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, expert_capacity
+from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, expert_capacity, resolve_impl
 
 BIAS_COLLECTION = "moe_bias"
 
@@ -116,6 +116,18 @@ class MoE(nn.Module):
         sow = lambda name, v: self.sow("intermediates", name, jnp.asarray(v, jnp.float32))  # noqa: E731
         sow("router_tokens", n)
         sow("expert_evals", jnp.sum(active))
+        # What the dispatch implementation evaluates: the sorted / grouped-matmul paths compute the
+        # active assignments only; the GShard dense path fills every expert's capacity buffer
+        # (plus its one-hot dispatch and combine matmuls); the reference runs every expert on every token.
+        impl = resolve_impl(m.dispatch)
+        if impl in ("dense", "reference"):
+            cap = n if impl == "reference" else max(min(expert_capacity(n, k, num_x, m.capacity_factor), n), 1)
+            sow("expert_evals_computed", num_x * cap)
+            if impl == "dense":
+                e = self.config.d_model
+                sow("flops_moe_dispatch", 2.0 * n * num_x * cap * (2 * e + 2 * k))
+        else:
+            sow("expert_evals_computed", jnp.sum(active))
         if m.load_balance_weight > 0:
             sow("loss_moe_load_balance", m.load_balance_weight * routers.load_balance_loss(r.probs, r.ids, valid))
         if m.z_loss_weight > 0:

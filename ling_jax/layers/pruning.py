@@ -44,6 +44,7 @@ from ling_jax.layers.pruning_baselines import (
     ATTENTION_POLICIES, oracle_priority, random_priority, window_priority,
 )
 from ling_jax.layers.pruning_scorers import LinearScorer, LowRankScorer
+from ling_jax.policy import policy_of
 
 # Carry keys (per-token arrays follow the tokens through compaction).
 KEEP = "prune_keep"  # [B, T] bool: cascaded hard keep flags
@@ -73,7 +74,7 @@ def soft_log_keep(score: Float[Array, "B T"], temp: Float[Array, ""]) -> Float[A
     return jax.nn.log_sigmoid(score / temp)
 
 
-def hard_keep(score: Float[Array, "B T"], threshold: float) -> Bool[Array, "B T"]:
+def hard_keep(score: Float[Array, "B T"], threshold: float | Array) -> Bool[Array, "B T"]:
     """Keep flags of the threshold rule: the soft keep-probability binarised at ``threshold``."""
     return jax.nn.sigmoid(score) >= threshold
 
@@ -127,7 +128,8 @@ class TokenPruner(nn.Module):
             self.sow("intermediates", "flops_pruning_scorer", jnp.float32(b * t * per_token))
             if pc.mode == "soft":
                 return self._soft(score, mask, carry)
-            own_keep = hard_keep(score, pc.threshold) if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
+            threshold = policy_of(cfg, carry).prune_threshold  # traced: a threshold sweep compiles once
+            own_keep = hard_keep(score, threshold) if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
             priority = jax.nn.log_sigmoid(score)  # cascaded keep log-probability at temperature 1
             if pc.cascade and PRIORITY in carry:
                 priority = priority + carry[PRIORITY]

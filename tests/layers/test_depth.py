@@ -124,8 +124,10 @@ def test_compacted_path_equals_masked_reference_forward_and_grad(params, tokens,
     c = mod_quarter.depth.mod_capacity
     fast = Transformer(mod_quarter)
     monkeypatch.setattr(depth_lib, "causal_selection",
-                        lambda cfg, scores, pred: topk_selection(scores, c, jnp.ones(scores.shape, bool))[0])
-    ref = Transformer(dataclasses.replace(mod_quarter, depth=dataclasses.replace(mod_quarter.depth, mode="infer")))
+                        lambda cfg, scores, pred, policy: topk_selection(scores, c, jnp.ones(scores.shape, bool))[0])
+    # One bucket of every slot: the block sees all T tokens, the unrouted ones masked out.
+    ref = Transformer(dataclasses.replace(mod_quarter, depth=dataclasses.replace(
+        mod_quarter.depth, mode="infer", infer_buckets="1.0")))
     def loss(m):
         def f(p):
             logits = m.apply({"params": p}, tokens)
@@ -200,10 +202,12 @@ def test_lowest_threshold_exits_everything_at_the_first_exit(params, tokens):
         m.embed(t), AttentionMask.causal_self(jnp.broadcast_to(jnp.arange(T), t.shape)), {})[0])
     h = RMSNorm(BASE.norm_eps).apply({"params": params["block_0_depth"]["exit_norm"]}, x0)
     assert_close(logits, h @ params["head"])
-    # Frozen tokens still give keys/values to later layers: the ledger counts them, not their queries.
+    # Nothing is live after layer 0: block 1 runs the zero bucket (no query, and with no cache
+    # to fill no key either), and the final head runs on no token.
     ledger = ledger_from_intermediates(cfg, state["intermediates"])
     assert ledger.counts["block_1"]["tokens_computed"] == 0
-    assert ledger.counts["block_1_depth"]["flops_exit_kv"] > 0
+    assert ledger.counts["block_1"]["flops_kv_only"] == 0
+    assert ledger.counts["head"]["head_tokens"] == B * T  # layer 0's exit head only
 
 
 def test_exit_training_sows_losses_through_the_train_step():
@@ -289,7 +293,11 @@ def decode_cfg():
 
 
 def _attention_inputs(cfg, params, tokens, forced_exit):
-    """The forward pass's keys/values per layer, from the inputs each Attention call received."""
+    """The forward pass's keys/values per layer, from the inputs each Attention call received.
+
+    One bucket of every slot (no ``nn.switch``, whose branches the interceptor cannot leak from):
+    the same decisions and numbers as the bucketed forward, with frozen queries masked."""
+    cfg = dataclasses.replace(cfg, depth=dataclasses.replace(cfg.depth, infer_buckets="1"))
     seen = []
 
     def grab(next_fun, args, kwargs, context):
@@ -305,7 +313,11 @@ def _attention_inputs(cfg, params, tokens, forced_exit):
         p = params[f"block_{layer}"]["attn"]
         k = apply_rope(jnp.einsum("bte,ehd->bthd", h, p["wk"]), mask.kv_positions, cfg.rope_base)
         v = jnp.einsum("bte,ehd->bthd", h, p["wv"])
-        kv.append((k, v, mask.kv_valid))
+        # A routed layer sees its tokens compacted: put every valid key back at its position.
+        rows = jnp.arange(h.shape[0])[:, None]
+        at = jnp.where(mask.kv_valid, mask.kv_positions, h.shape[1])  # [B, C]; invalid: dropped
+        back = lambda a: jnp.zeros((h.shape[0], T) + a.shape[2:], a.dtype).at[rows, at].set(a, mode="drop")  # noqa: E731
+        kv.append((back(k), back(v), back(mask.kv_valid)))
     return logits, state, kv
 
 
