@@ -35,11 +35,23 @@ FINGERPRINT_KEY = "ling_jax_fingerprint"
 def checkpoint_manager(workdir: Path, config: Any = None, *, read_only: bool = False) -> ocp.CheckpointManager:
     """The orbax manager of ``workdir/checkpoints``. Retention is :func:`prune_checkpoints`, not
     orbax's ``max_to_keep``. ``read_only=True`` (eval, sweep) creates, cleans and deletes nothing."""
+    from absl import logging as absl_logging
+
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only, read_only=read_only, enable_async_checkpointing=False,
         cleanup_tmp_directories=not read_only,  # unfinished saves of a killed run
+        save_interval_steps=0 if read_only else 1,
     )
-    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
+    verbosity = absl_logging.get_verbosity()
+    if read_only:  # orbax warns that a read-only manager is read-only
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        # One unnamed item, fixed up front: orbax otherwise infers the layout from the first step
+        # it reads, and an emptied step directory would make it misread every other step.
+        return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options,
+                                     item_handlers=ocp.StandardCheckpointHandler())
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- fingerprints
