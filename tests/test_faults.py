@@ -2,7 +2,7 @@
 error and a non-zero exit, never loses the last good checkpoint, and never leaves a workdir that
 the original command cannot resume.
 
-One reference run (``ref``: cpu-tiny, 24 steps, a checkpoint every 3 steps, all kept) is trained
+One reference run (``ref``: cpu-tiny, 16 steps, a checkpoint every 4 steps, all kept) is trained
 once; each scenario copies it, breaks something and resumes. Real processes are used only where a
 real process is needed (the lock holder, SIGTERM, SIGKILL); everything else calls ``train`` or
 ``ling_jax.cli.main`` in-process.
@@ -31,7 +31,7 @@ from ling_jax.train import NonFiniteError, init_state, load_trained, train
 from ling_jax.workdir import WorkdirError, WorkdirLock, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 24, 3
+STEPS, EVERY = 16, 4
 RUN = ["--preset", "cpu-tiny", "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--train.log_every", "1",
        "--train.eval_batches", "1", "--train.batch_size", "8", "--train.seq_len", "32", "--train.keep_checkpoints", "10",
        "--no-progress", "--skip-baselines"]
@@ -85,6 +85,25 @@ def _one_line_error(rc, err, *needles):
     return lines[0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's runs and its subprocesses: every run
+    here has the same shapes and schedule, so all but the first load their executables."""
+    from jax._src import compilation_cache
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (path, 0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield path
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> Path:
     """The uninterrupted reference run; tests copy it (never change it)."""
@@ -106,7 +125,8 @@ def _copy(ref, tmp_path, *, upto=STEPS) -> Path:
 
 
 def _env():
-    env = dict(os.environ)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -123,24 +143,22 @@ def test_non_finite_config_values_are_refused(field, value):
 
 
 def test_divergence_stops_with_one_line_and_keeps_good_checkpoints(ref, tmp_path, capsys):
-    """A learning rate of 1e30 (finite, so accepted) blows up within two steps of resuming: the run
-    stops naming the step, saves nothing non-finite, and every checkpoint left restores finite."""
+    """A finite but exploding state (weights x 1e30, saved as step 20) makes the next step's loss
+    non-finite: the run stops naming that step, saves nothing, and the good checkpoints stay."""
     wd = _copy(ref, tmp_path)
-    rc, out, err = _main(capsys, "train", "--workdir", wd, *RUN, "--steps", 36, "--checkpoint-every", 1,
-                         "--train.learning_rate", "1e30")
-    line = _one_line_error(rc, err, "diverged at step")
-    assert "resuming with settings changed from config.json: " in out and "train.learning_rate: 0.003 -> 1e+30" in out
-    assert "learning-rate schedule keeps the 24 steps" in out
-    bad = int(line.split("diverged at step ")[1].split(":")[0])
-    assert 24 < bad <= 36 and all(s < bad for s in _steps(wd)) and 24 in _steps(wd)
     config = _config()
-    target = init_state(config, Transformer(config.model), jax.random.key(0))
-    manager = checkpoint_manager(wd, config, read_only=True)
-    for step in _steps(wd):  # whatever was saved is finite (checked by restore) and step 24 is the reference's
-        restored, got = restore_latest(manager, target) if step == max(_steps(wd)) else (None, step)
-        assert got == step
+    manager = checkpoint_manager(wd, config)
+    huge = _params_at(ref, STEPS)
+    huge = huge.replace(step=huge.step + 4, params=jax.tree_util.tree_map(lambda p: p * 1e30, huge.params))
+    save_checkpoint(manager, STEPS + 4, huge, keep=10)
     manager.close()
-    _assert_same_state(_params_at(wd, 24), _params_at(ref, 24))
+    before = _steps(wd)
+    rc, out, err = _main(capsys, "train", "--workdir", wd, *RUN, "--steps", STEPS + 8, "--train.log_every", 2)
+    _one_line_error(rc, err, f"diverged at step {STEPS + 5}:", f"last checkpoint: step {STEPS + 4}")
+    assert "resuming with settings changed from config.json: " in out and "train.log_every: 1 -> 2" in out
+    assert f"learning-rate schedule keeps the {STEPS} steps" in out  # --steps moved the end, not the schedule
+    assert _steps(wd) == before and max(_losses(wd)) == STEPS  # nothing of the diverged steps was kept
+    _assert_same_state(_params_at(wd, STEPS), _params_at(ref, STEPS))
 
 
 def test_non_finite_state_is_never_saved(tmp_path):
@@ -178,15 +196,15 @@ def _corrupt(step_dir: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "bitflip", "metadata", "emptied"])
 def test_corrupted_latest_checkpoint_falls_back(ref, tmp_path, kind):
-    """Readers (eval) and the trainer's restore skip the broken step 24 with a warning naming it
-    and use step 21, bit for bit; readers move nothing, the trainer moves step 24 aside."""
+    """Readers (eval) and the trainer's restore skip the broken last step with a warning naming it
+    and use the one before, bit for bit; readers move nothing, the trainer moves the broken one aside."""
     wd = _copy(ref, tmp_path)
-    _corrupt(wd / "checkpoints" / "24", kind)
+    _corrupt(wd / "checkpoints" / str(STEPS), kind)
     warnings = []
     _, _, state = load_trained(wd, log_fn=warnings.append)
-    assert int(state.step) == 21 and len(warnings) == 1 and "skipped checkpoint step 24" in warnings[0], warnings
-    _assert_same_state(state, _params_at(ref, 21))
-    assert 24 in _steps(wd)  # a reader leaves it alone
+    assert int(state.step) == STEPS - EVERY and len(warnings) == 1 and f"skipped checkpoint step {STEPS}" in warnings[0], warnings
+    _assert_same_state(state, _params_at(ref, STEPS - EVERY))
+    assert STEPS in _steps(wd)  # a reader leaves it alone
 
     config = _config()
     manager = checkpoint_manager(wd, config)
@@ -194,48 +212,48 @@ def test_corrupted_latest_checkpoint_falls_back(ref, tmp_path, kind):
     restored, step = restore_latest(manager, init_state(config, Transformer(config.model), jax.random.key(0)),
                                     log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
     manager.close()
-    assert step == 21 and "skipped checkpoint step 24" in warnings[0] and "moved it to" in warnings[0]
-    assert 24 not in _steps(wd) and len(list((wd / "skipped_checkpoints").iterdir())) == 1
+    assert step == STEPS - EVERY and f"skipped checkpoint step {STEPS}" in warnings[0] and "moved it to" in warnings[0]
+    assert STEPS not in _steps(wd) and len(list((wd / "skipped_checkpoints").iterdir())) == 1
 
 
 def test_nothing_restorable_is_one_error_and_moves_nothing(ref, tmp_path):
-    wd = _copy(ref, tmp_path, upto=6)
-    for step in (3, 6):
+    wd = _copy(ref, tmp_path, upto=8)
+    for step in (4, 8):
         _corrupt(wd / "checkpoints" / str(step), "emptied")
-    with pytest.raises(CheckpointError, match=r"no checkpoint .* can be restored .*step 6: .*step 3: "):
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* can be restored .*step 8: .*step 4: "):
         train(_config(), wd, progress=False, log_fn=lambda s: None)
-    assert _steps(wd) == [3, 6] and not (wd / "skipped_checkpoints").exists()
+    assert _steps(wd) == [4, 8] and not (wd / "skipped_checkpoints").exists()
 
 
 def test_corruption_and_disk_full_resume_bit_identically(ref, tmp_path, monkeypatch):
-    """Bit-flipped step 24 -> the trainer resumes from 21; the disk fills during its save of 24
-    (one-line CheckpointError, 21 intact); a partial line is left in metrics.jsonl; the rerun of
+    """Bit-flipped last step -> the trainer resumes from the one before; the disk fills during its
+    save of the last step (CheckpointError, the earlier steps intact); a partial line is left in metrics.jsonl; the rerun of
     the same command then ends with exactly the reference's losses and state."""
     import orbax.checkpoint as ocp
 
     wd = _copy(ref, tmp_path)
-    _corrupt(wd / "checkpoints" / "24", "bitflip")
+    _corrupt(wd / "checkpoints" / str(STEPS), "bitflip")
     real_save = ocp.CheckpointManager.save
 
     def disk_full(self, step, *args, **kwargs):
-        if step == 24:
+        if step == STEPS:
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [OS error: 28]")
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     logs = []
-    with pytest.raises(CheckpointError, match=r"saving checkpoint step 24 failed .*RESOURCE_EXHAUSTED.*intact"):
+    with pytest.raises(CheckpointError, match=rf"saving checkpoint step {STEPS} failed .*RESOURCE_EXHAUSTED.*intact"):
         train(_config(), wd, progress=False, log_fn=logs.append)
-    assert any("skipped checkpoint step 24" in m for m in logs), logs
-    assert max(_steps(wd)) == 21
+    assert any(f"skipped checkpoint step {STEPS}" in m for m in logs), logs
+    assert max(_steps(wd)) == STEPS - EVERY
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"step": 23, "loss": 2.1')  # a writer killed mid-line
     logs.clear()
     result = train(_config(), wd, progress=False, log_fn=logs.append)
-    assert "resumed from step 21" in "\n".join(logs) and any("dropped 1 unreadable line" in m for m in logs), logs
+    assert f"resumed from step {STEPS - EVERY}" in "\n".join(logs) and any("dropped 1 unreadable line" in m for m in logs), logs
     assert result["step"] == STEPS and _losses(wd) == _losses(ref)
-    _assert_same_state(_params_at(wd, 24), _params_at(ref, 24))
+    _assert_same_state(_params_at(wd, STEPS), _params_at(ref, STEPS))
 
 
 def test_reader_is_read_only_and_steps_back_when_a_step_vanishes(ref, tmp_path, monkeypatch):
@@ -251,15 +269,15 @@ def test_reader_is_read_only_and_steps_back_when_a_step_vanishes(ref, tmp_path, 
 
     def racing_restore(self, step, *args, **kwargs):
         calls.append(step)
-        if step == 24 and len(calls) == 1:  # the trainer's retention deletes it mid-read
-            shutil.rmtree(wd / "checkpoints" / "24")
+        if step == STEPS and len(calls) == 1:  # the trainer's retention deletes it mid-read
+            shutil.rmtree(wd / "checkpoints" / str(STEPS))
             raise FileNotFoundError(f"No such file or directory: {wd}/checkpoints/24")
         return real_restore(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", racing_restore)
     warnings = []
     _, _, state = load_trained(wd, log_fn=warnings.append)
-    assert calls == [24, 21] and int(state.step) == 21 and not warnings
+    assert calls == [STEPS, STEPS - EVERY] and int(state.step) == STEPS - EVERY and not warnings
     assert in_progress.exists()
 
 
@@ -286,12 +304,14 @@ def test_second_trainer_is_refused_and_sigterm_saves_the_last_step(ref, tmp_path
     """A real trainer holds the workdir: a second one is refused naming its PID. SIGTERM makes the
     first save its last completed step and exit 143 with one line; then the second runs and ends
     bit-identical to the reference."""
-    wd = _copy(ref, tmp_path, upto=12)
+    wd = _copy(ref, tmp_path, upto=8)
     first = _start(wd)
-    _wait_for_step(first, wd, 14)
+    _wait_for_step(first, wd, 10)
+    first.send_signal(signal.SIGSTOP)  # held mid-run while the second trainer tries
     rc, _, err = _main(capsys, "train", "--workdir", wd, *RUN)
     _one_line_error(rc, err, "in use by another training run", f"PID {first.pid}")
     first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 143, err
     line = _one_line_error(first.returncode, err, "stopped by SIGTERM after step", "checkpoint saved")
@@ -303,9 +323,9 @@ def test_second_trainer_is_refused_and_sigterm_saves_the_last_step(ref, tmp_path
 
 
 def test_sigkill_leaves_a_stale_lock_that_is_taken_over(ref, tmp_path):
-    wd = _copy(ref, tmp_path, upto=12)
+    wd = _copy(ref, tmp_path, upto=8)
     victim = _start(wd)
-    _wait_for_step(victim, wd, 16)
+    _wait_for_step(victim, wd, 10)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert f"PID {victim.pid}" in (wd / ".lock").read_text()
@@ -336,10 +356,10 @@ def test_missing_config_json_and_another_width_leaves_workdir_resumable(ref, tmp
     _one_line_error(rc, err, "can be restored", "config.json is missing")
     assert not (wd / "config.json").exists() and _steps(wd) == _steps(ref)
     rc, out, err = _main(capsys, "train", "--workdir", wd, *RUN)  # the original command (a finished run)
-    assert rc == 0 and "resumed from step 24" in out, err
+    assert rc == 0 and f"resumed from step {STEPS}" in out, err
     assert json.loads((wd / "config.json").read_text())["config"]["model"]["d_model"] == 64
     rc, out, _ = _main(capsys, "eval", "--workdir", wd)
-    assert rc == 0 and json.loads(out.splitlines()[-1])["step"] == 24
+    assert rc == 0 and json.loads(out.splitlines()[-1])["step"] == STEPS
 
 
 # ----------------------------------------------------------------------------- 6/7/9: one-line CLI errors
@@ -380,16 +400,18 @@ def test_partial_metrics_line_is_dropped(tmp_path):
 
 
 def test_resume_keeps_the_recorded_task(tmp_path, capsys):
+    """Trained on mqar, resumed with a larger --steps and no --task: the resumed steps are mqar
+    steps (accuracy, not bits per byte), config.json still says mqar, and nothing says otherwise."""
     wd = tmp_path / "mqar"
-    rc, _, err = _main(capsys, "train", "--workdir", wd, *RUN, "--task", "mqar", "--steps", 2, "--checkpoint-every", 2)
+    rc, _, err = _main(capsys, "train", "--workdir", wd, *RUN, "--task", "mqar")
     assert rc == 0, err
-    rc, out, err = _main(capsys, "train", "--workdir", wd, *RUN, "--steps", 4, "--checkpoint-every", 2)
-    assert rc == 0 and "resumed from step 2" in out and "data.task" not in out, out + err
+    rc, out, err = _main(capsys, "train", "--workdir", wd, *RUN, "--steps", STEPS + 2)
+    assert rc == 0 and f"resumed from step {STEPS}" in out and "data.task" not in out, out + err
     records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 3))
     assert all("accuracy" in r and "bpb" not in r for r in records if "loss" in r)  # still mqar, not text
     assert json.loads((wd / "config.json").read_text())["config"]["data"]["task"] == "mqar"
-    rc, _, err = _main(capsys, "train", "--workdir", wd, "--preset", "cpu-small", "--steps", 4)
+    rc, _, err = _main(capsys, "train", "--workdir", wd, "--preset", "cpu-small", "--steps", STEPS)
     _one_line_error(rc, err, "--preset cpu-tiny")
 
 
