@@ -10,7 +10,7 @@ one CPU device, with a shared persistent compilation cache so restarts are quick
 
 Kill points cycle through three kinds, each at a random moment:
   * startup: a uniform delay between 0 and the reference run's time to its first step (import,
-    restore, compile);
+    restore, compile from the warm cache);
   * save: as soon as a checkpoint save is in progress (an ``*.orbax-checkpoint-tmp*`` directory
     exists), after a random 0-20 ms;
   * step: after 1-3 further logged steps, plus a random 0-50 ms.
@@ -65,7 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--terms", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--checkpoint-every", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", help="where the two workdirs go (default: a temporary directory)")
@@ -86,8 +86,10 @@ def main() -> int:
         return [sys.executable, "-m", "ling_jax.cli", "train", "--workdir", str(workdir), *run]
 
     reference, victim = root / "reference", root / "victim"
-    for d in (reference, victim):
+    for d in (reference, victim, root / "warmup"):
         shutil.rmtree(d, ignore_errors=True)
+    # Fills the compilation cache, so that the reference measures the startup of a restart.
+    subprocess.run(command(root / "warmup"), env=env, check=True, capture_output=True, timeout=1800)
     t0 = time.time()
     proc = subprocess.Popen(command(reference), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first_step = None

@@ -190,7 +190,8 @@ class Preempted(RuntimeError):
     """SIGTERM (or orbax's preemption notice) arrived; the last completed step was saved first."""
 
     def __init__(self, step: int, reason: str):
-        super().__init__(f"stopped by {reason} after step {step} (checkpoint saved); rerun the same command to resume")
+        saved = "checkpoint saved" if step else "no step completed yet"
+        super().__init__(f"stopped by {reason} after step {step} ({saved}); rerun the same command to resume")
         self.step, self.reason = step, reason
 
 
