@@ -56,9 +56,18 @@ def _checkpoints(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def _saving(workdir: Path) -> bool:
+def _tmp_dirs(workdir: Path) -> set[str]:
     d = workdir / "checkpoints"
-    return d.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in d.iterdir())
+    return {p.name for p in d.iterdir() if "orbax-checkpoint-tmp" in p.name} if d.is_dir() else set()
+
+
+def _saving(workdir: Path, stale: set[str]) -> bool:
+    """A save of this process is in progress (a temporary directory that was not there at launch:
+    one left by an earlier killed save is removed by the next trainer, it is not a save)."""
+    try:
+        return bool(_tmp_dirs(workdir) - stale)
+    except FileNotFoundError:  # a directory vanished while listing
+        return False
 
 
 def main() -> int:
@@ -110,6 +119,7 @@ def main() -> int:
     for i, sig in enumerate(plan):
         kind = kinds[sum(1 for a in attempts if a["signal"] == "SIGKILL") % 3] if sig == "SIGKILL" else "step"
         before = max(_losses(victim), default=0)
+        stale = _tmp_dirs(victim)
         proc = subprocess.Popen(command(victim), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         t = time.time()
         during_save = False
@@ -118,10 +128,10 @@ def main() -> int:
             while time.time() < deadline and proc.poll() is None:
                 time.sleep(0.005)
         elif kind == "save":
-            while proc.poll() is None and not _saving(victim):
+            while proc.poll() is None and not _saving(victim, stale):
                 time.sleep(0.001)
             time.sleep(rng.uniform(0, 0.02))
-            during_save = _saving(victim)
+            during_save = _saving(victim, stale)
         else:
             target = before + rng.randint(1, 3 if sig == "SIGKILL" else 4)
             while proc.poll() is None and max(_losses(victim), default=0) < target:
@@ -134,6 +144,7 @@ def main() -> int:
         logged = max(_losses(victim), default=0)
         record = {"attempt": i, "signal": sig, "kind": kind, "seconds_after_start": round(time.time() - t, 3),
                   "finished_before_signal": finished, "returncode": proc.returncode, "during_save": during_save,
+                  "stale_tmp_dirs": sorted(stale),
                   "logged_step": logged, "checkpoints": _checkpoints(victim)}
         if sig == "SIGTERM" and not finished:
             record["no_step_lost"] = proc.returncode == 143 and max(_checkpoints(victim), default=0) == logged
@@ -168,6 +179,7 @@ def main() -> int:
         "final_returncode": final.returncode,
         "losses_bit_identical": got_losses == ref_losses and len(ref_losses) == args.steps,
         "final_state_bit_identical": int(got_state.step) == args.steps and restored_arrays_equal(got_state, ref_state),
+        "stale_tmp_dirs_seen_at_launch": sum(bool(a["stale_tmp_dirs"]) for a in attempts),
         "attempts": attempts,
         "wall_seconds": round(time.time() - started, 1),
     }
