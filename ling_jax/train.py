@@ -82,6 +82,13 @@ def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: boo
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=extra)
 
 
+def abstract_state(config: Config, model: Transformer, device: Optional[jax.Device] = None) -> TrainState:
+    """A TrainState of ShapeDtypeStructs on one device: a restore target that allocates nothing."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    shapes = jax.eval_shape(lambda key: init_state(config, model, key), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
 def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Array, jax.Array]:
     """Mean token cross-entropy in nats over `mask`, and the number of scored tokens."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -405,7 +412,7 @@ def load_trained(workdir: str | Path, *, log_fn: Optional[Callable[[str], None]]
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     model = Transformer(config.model)
-    state = init_state(config, model, jax.random.key(config.train.seed))
+    state = abstract_state(config, model)
     manager = checkpoint_manager(workdir, config, read_only=True)
     try:
         state, step = restore_latest(manager, state, log_fn=log_fn)

@@ -8,6 +8,7 @@ real process is needed (the lock holder, SIGTERM, SIGKILL); everything else call
 ``ling_jax.cli.main`` in-process.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from ling_jax.config import ConfigError, apply_overrides, get_preset
 from ling_jax.data import load_corpus
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
-from ling_jax.train import NonFiniteError, init_state, load_trained, train
+from ling_jax.train import abstract_state, init_state, load_trained, train
 from ling_jax.workdir import WorkdirError, WorkdirLock, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +53,18 @@ def _steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _params_at(workdir, step):
+def _target():
     config = _config()
-    manager = checkpoint_manager(workdir, config, read_only=True)
+    return abstract_state(config, Transformer(config.model))
+
+
+@functools.lru_cache(maxsize=16)
+def _params_at(workdir, step):
+    """The state saved at `step` (each workdir path is a new one per test, so caching is safe)."""
     import orbax.checkpoint as ocp
 
-    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                    init_state(config, Transformer(config.model), jax.random.key(0)))
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    manager = checkpoint_manager(workdir, _config(), read_only=True)
+    state = manager.restore(step, args=ocp.args.StandardRestore(_target()))
     manager.close()
     return state
 
@@ -163,7 +168,8 @@ def test_divergence_stops_with_one_line_and_keeps_good_checkpoints(ref, tmp_path
 
 def test_non_finite_state_is_never_saved(tmp_path):
     config = _config()
-    state = init_state(config, Transformer(config.model), jax.random.key(0))
+    model = Transformer(config.model)
+    state = jax.jit(lambda key: init_state(config, model, key))(jax.random.key(0))  # one compile, not one per op
     manager = checkpoint_manager(tmp_path, config)
     save_checkpoint(manager, 1, state, keep=1)
     bad = state.replace(params=jax.tree_util.tree_map(lambda p: p.at[..., 0].set(np.nan), state.params))
@@ -209,8 +215,7 @@ def test_corrupted_latest_checkpoint_falls_back(ref, tmp_path, kind):
     config = _config()
     manager = checkpoint_manager(wd, config)
     warnings.clear()
-    restored, step = restore_latest(manager, init_state(config, Transformer(config.model), jax.random.key(0)),
-                                    log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
+    restored, step = restore_latest(manager, _target(), log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
     manager.close()
     assert step == STEPS - EVERY and f"skipped checkpoint step {STEPS}" in warnings[0] and "moved it to" in warnings[0]
     assert STEPS not in _steps(wd) and len(list((wd / "skipped_checkpoints").iterdir())) == 1
