@@ -37,8 +37,8 @@ def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
-    config = get_preset(args.preset)
+def build_config(args: argparse.Namespace, extra: Sequence[str], base: Config | None = None) -> Config:
+    config = get_preset(args.preset) if base is None else base
     overrides = _parse_overrides(extra)
     if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = str(args.steps)
@@ -63,10 +63,24 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", choices=["mqar", "needle", "multihop"], help="a synthetic task instead of text")
 
 
+def _train_config(args, extra) -> Config:
+    """The preset plus overrides for a new workdir; for a workdir that has a config.json, its
+    recorded settings plus the overrides given now (the mesh comes from the preset and --mesh)."""
+    from ling_jax.workdir import recorded_config
+
+    recorded = recorded_config(args.workdir) if Path(args.workdir).is_dir() else None
+    if recorded is None:
+        return build_config(args, extra)
+    if recorded.preset and recorded.preset != args.preset:
+        raise ConfigError(f"workdir {args.workdir} was trained with --preset {recorded.preset}, not {args.preset}; "
+                          f"resume it with --preset {recorded.preset} or use a new --workdir")
+    return build_config(args, extra, base=dataclasses.replace(recorded, mesh=get_preset(args.preset).mesh))
+
+
 def cmd_train(args, extra) -> int:
     from ling_jax.train import train
 
-    config = build_config(args, extra)
+    config = _train_config(args, extra)
     result = train(config, args.workdir, progress=not args.no_progress)
     print(json.dumps(result))
     if config.data.task == "text" and not args.skip_baselines:
@@ -210,7 +224,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ling_jax.checkpoints import CheckpointError
     from ling_jax.data import DataError
+    from ling_jax.train import NonFiniteError, Preempted
+    from ling_jax.workdir import WorkdirError
 
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
@@ -220,8 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             jax.distributed.initialize()
         return args.fn(args, extra)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"ling-jax: error: {e}", file=sys.stderr)
+    except Preempted as e:  # the last completed step is saved: rerunning the command resumes
+        print(f"ling-jax: {e}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("ling-jax: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, WorkdirError, CheckpointError, NonFiniteError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"ling-jax: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -32,8 +32,16 @@ def _positive(obj, *names: str) -> None:
 def _non_negative(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0 and finite, got {value!r}")
+
+
+def _positive_float(obj, *names: str) -> None:
+    """Finite and > 0 (rejects NaN and inf, which would train to NaN)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0 and finite, got {value!r}")
 
 
 def _one_of(obj, name: str, allowed: Sequence[Any]) -> None:
@@ -131,10 +139,7 @@ class PruningConfig:
         _non_negative(self, "num_sinks", "regularizer_weight", "anneal_steps", "seed")
         _in_range(self, "target_keep_ratio", 0.0, 1.0, lo_open=True)
         _in_range(self, "threshold", 0.0, 1.0)
-        for name in ("temperature", "final_temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"PruningConfig.{name} must be > 0, got {value!r}")
+        _positive_float(self, "temperature", "final_temperature")
         if self.budget < self.num_sinks + self.window:
             raise ConfigError(
                 f"PruningConfig.budget ({self.budget}) must be >= num_sinks + window "
@@ -199,8 +204,7 @@ class MoEConfig:
         _one_of(self, "zero_expert_output", ("identity", "zero"))
         if not self.jitter < 1:
             raise ConfigError(f"MoEConfig.jitter must be in [0, 1), got {self.jitter!r}")
-        if not self.route_scale > 0:
-            raise ConfigError(f"MoEConfig.route_scale must be > 0, got {self.route_scale!r}")
+        _positive_float(self, "route_scale")
         total = self.num_experts + self.num_zero_experts
         if self.top_k > total:
             raise ConfigError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts + num_zero_experts ({total})")
@@ -325,8 +329,7 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ConfigError(f"ModelConfig head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
-        if not self.rope_base > 0:
-            raise ConfigError(f"ModelConfig.rope_base must be > 0, got {self.rope_base!r}")
+        _positive_float(self, "rope_base", "norm_eps")
         # Resolve layer selections now so a bad one fails at construction time.
         self.pruning_layers, self.moe_layers, self.mod_layers, self.exit_layers  # noqa: B018
 
@@ -382,8 +385,7 @@ class TrainConfig:
         _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "seed")
         _in_range(self, "min_lr_ratio", 0.0, 1.0)
         _in_range(self, "beta2", 0.0, 1.0, hi_open=True)
-        if not self.learning_rate > 0:
-            raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        _positive_float(self, "learning_rate")
 
 
 TASK_NAMES = ("text", "mqar", "needle", "multihop")

@@ -25,11 +25,31 @@ def _coerce_task_options(task: str, raw: dict[str, str]) -> dict:
         if key not in fields:
             raise ConfigError(f"unknown option {key!r} for task {task!r}; allowed: {sorted(fields)}")
         default = fields[key].default
+        kind = float if default is None else type(default)  # None defaults are optional floats (needle depth)
         try:
-            out[key] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true", "yes")
+            if default is None and value.lower() == "none":
+                out[key] = None
+            elif isinstance(default, bool):
+                out[key] = value.lower() in ("1", "true", "yes")
+            else:
+                out[key] = kind(value)
         except ValueError:
-            raise ConfigError(f"task option {key}={value!r} is not a valid {type(default).__name__}") from None
+            raise ConfigError(f"DataConfig.task_options: {key}={value!r} is not a valid {kind.__name__}") from None
     return out
+
+
+def _make_task(task: str, raw: dict[str, str], seq_len: int):
+    """The task config, with its validation errors as one-line ConfigErrors naming the option."""
+    try:
+        task_cfg = make_task(task, **_coerce_task_options(task, raw))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"DataConfig.task_options for task {task!r}: {e}") from None
+    if seq_len < task_cfg.min_seq_len():
+        raise ConfigError(f"TrainConfig.seq_len ({seq_len}) is too short for task {task!r} with these task_options: "
+                          f"need seq_len >= {task_cfg.min_seq_len()}")
+    return task_cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +69,13 @@ def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> D
                 f"validation split of {data.path or 'the default corpus'} has {len(valid_bytes)} bytes; "
                 f"need at least seq_len + 1 = {train.seq_len + 1}"
             )
+        need = train.batch_size * train.eval_batches * (train.seq_len + 1)
+        if len(valid_bytes) < need:  # fail now, not in the evaluation after training
+            raise ConfigError(
+                f"validation split of {data.path or 'the default corpus'} has {len(valid_bytes)} bytes; "
+                f"TrainConfig.eval_batches={train.eval_batches} x batch_size={train.batch_size} x (seq_len + 1) "
+                f"needs {need}: lower --train.eval_batches or use more data"
+            )
 
         def train_batch(step: int) -> Batch:
             return text_batch(train_bytes, seed=train.seed, step=step, batch_size=train.batch_size,
@@ -60,7 +87,7 @@ def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> D
 
         return DataSource("bpb", train_batch, evals)
 
-    task_cfg = make_task(data.task, **_coerce_task_options(data.task, data.task_kwargs()))
+    task_cfg = _make_task(data.task, data.task_kwargs(), train.seq_len)
 
     def task_batch(step: int) -> Batch:
         return task_lib.make_batch(task_cfg, seed=train.seed, step=step, batch_size=train.batch_size,

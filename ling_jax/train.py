@@ -10,9 +10,13 @@ per-forward outputs and never enter the state.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,15 +25,16 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float
 
-from ling_jax.config import Config, ConfigError, model_signature, to_dict
+from ling_jax.checkpoints import CheckpointError, checkpoint_manager, restore_latest, save_checkpoint
+from ling_jax.config import Config, from_dict
 from ling_jax.data import Batch
 from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax.model import Transformer
+from ling_jax.workdir import (WorkdirLock, check_model, config_changes, prepare, read_record, recorded_config,
+                              truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
 
@@ -75,6 +80,13 @@ def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: boo
     extra = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
     tx, _ = make_optimizer(config)
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=extra)
+
+
+def abstract_state(config: Config, model: Transformer, device: Optional[jax.Device] = None) -> TrainState:
+    """A TrainState of ShapeDtypeStructs on one device: a restore target that allocates nothing."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    shapes = jax.eval_shape(lambda key: init_state(config, model, key), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Array, jax.Array]:
@@ -174,51 +186,57 @@ def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metri
     return result
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- failures
 
 
-def checkpoint_manager(workdir: Path, config: Config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite loss or gradient norm; nothing of it was saved."""
 
 
-def check_workdir_config(workdir: Path, config: Config) -> None:
-    """Writes config.json on first use; refuses a workdir that belongs to a different model."""
-    path = workdir / "config.json"
-    current = model_signature(config.model)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        saved_sig = saved.get("model_signature")
-        if saved_sig is not None and saved_sig != json.loads(json.dumps(current)):
-            diffs = sorted(k for k in set(saved_sig) | set(current) if saved_sig.get(k) != json.loads(json.dumps(current)).get(k))
-            raise ConfigError(
-                f"workdir {workdir} holds a checkpoint of a different model config (fields differ: {diffs}); "
-                "use a new --workdir or the same model settings"
-            )
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_signature": current, "config": to_dict(config)}, indent=2, default=str))
-    os.replace(tmp, path)
+class Preempted(RuntimeError):
+    """SIGTERM (or orbax's preemption notice) arrived; the last completed step was saved first."""
+
+    def __init__(self, step: int, reason: str):
+        saved = "checkpoint saved" if step else "no step completed yet"
+        super().__init__(f"stopped by {reason} after step {step} ({saved}); rerun the same command to resume")
+        self.step, self.reason = step, reason
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, int]:
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return restored, int(step)
+class _StopSignal:
+    """SIGTERM becomes a request that the loop honours at the next step boundary (main thread,
+    single process only: with several processes orbax's preemption sync point is used instead)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: Optional[str] = None
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopSignal":
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops metric lines logged after the checkpoint we resume from (they will be re-run)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+def _check_finite(step: int, metrics: dict, last_saved: int) -> None:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
+                             f"without saving it (last checkpoint: step {last_saved}); try a lower "
+                             "--train.learning_rate or --train.grad_clip")
+
+
+def _schedule_steps(record: Optional[dict], config: Config, start: int) -> int:
+    """Length of the learning-rate schedule: fixed by the run that started the workdir."""
+    if record is None or start == 0:
+        return config.train.steps
+    return int(record.get("schedule_steps", record["config"].get("train", {}).get("steps", config.train.steps)))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -226,13 +244,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print,
           state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True) -> dict:
-    """Trains (resuming from the latest checkpoint in `workdir`) and returns the final eval metrics."""
+    """Trains (resuming from the newest good checkpoint in `workdir`) and returns the final eval metrics.
+
+    Guarantees (see README "Resuming and failures"): the workdir is locked for the whole run; a
+    non-finite loss or gradient norm stops the run (NonFiniteError) and is never saved; SIGTERM
+    saves the last completed step and raises Preempted; a resumed run keeps the learning-rate
+    schedule recorded in config.json (``train.steps`` only moves where training stops).
+    """
+    workdir = Path(workdir)
+    if state_shardings is None:  # a --mesh the devices cannot fill is an error, also on one device
+        config.mesh.resolve(jax.device_count())
+    is_main_host = is_main_host and jax.process_index() == 0
+    prepare(workdir)
+    lock = WorkdirLock(workdir, log_fn) if is_main_host else contextlib.nullcontext()
+    with lock, _StopSignal(enabled=jax.process_count() == 1) as stop:
+        return _train_locked(config, workdir, stop, progress=progress, log_fn=log_fn, state_shardings=state_shardings,
+                             batch_sharding=batch_sharding, is_main_host=is_main_host)
+
+
+def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress: bool, log_fn: Callable[[str], None],
+                  state_shardings: Any, batch_sharding: Any, is_main_host: bool) -> dict:
     from tqdm.auto import tqdm
 
     from ling_jax import sharding as sharding_lib
     from ling_jax.pipeline import build_data
 
-    workdir = Path(workdir)
     model = Transformer(config.model)
     # More than one device: shard by config.mesh (or the caller's shardings); each host reads its rows.
     plan = None
@@ -241,79 +277,147 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     elif jax.device_count() > 1:
         plan = sharding_lib.plan(config, model)
     host_index, host_count = sharding_lib.host_slice(plan.batch, config.train.batch_size) if plan else (0, 1)
-    is_main_host = is_main_host and jax.process_index() == 0
-    data = build_data(config, host_index=host_index, host_count=host_count)  # fails before the workdir is written
-    if is_main_host:  # one writer of config.json on a shared workdir
-        check_workdir_config(workdir, config)
+    data = build_data(config, host_index=host_index, host_count=host_count)
+
+    record = read_record(workdir)
+    if record is not None:
+        check_model(workdir, record, config)
     rng = jax.random.key(config.train.seed)
     state = sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan else init_state(config, model, rng)
     manager = checkpoint_manager(workdir, config)
-    state, start = restore_latest(manager, state)
+    try:
+        state, start = restore_latest(manager, state, log_fn=log_fn,
+                                      quarantine=workdir / "skipped_checkpoints" if is_main_host else None)
+    except CheckpointError as e:
+        hint = ("; config.json is missing, so the settings these checkpoints were trained with are unknown: "
+                "rerun with the original settings or use a new --workdir") if record is None else ""
+        raise CheckpointError(f"{e}{hint}") from None
+    schedule_steps = _schedule_steps(record, config, start)
     metrics_path = workdir / "metrics.jsonl"
-    if is_main_host:
-        _truncate_metrics(metrics_path, start)
     if start:
         log_fn(f"resumed from step {start} in {workdir}")
+        changes = config_changes(from_dict(record["config"]), config) if record is not None else []
+        if changes:
+            log_fn("resuming with settings changed from config.json: " + "; ".join(changes))
+        if config.train.steps != schedule_steps:
+            past = (f"; steps past {schedule_steps} train at the final rate "
+                    f"{config.train.learning_rate * config.train.min_lr_ratio:g}") if config.train.steps > schedule_steps else ""
+            log_fn(f"train.steps is {config.train.steps}: the learning-rate schedule keeps the {schedule_steps} steps "
+                   f"recorded when this workdir started{past}")
+        if is_main_host:
+            write_record(workdir, config, schedule_steps=schedule_steps)
+    if is_main_host:
+        truncate_metrics(metrics_path, start, log_fn)
 
+    # The optimizer sees the recorded schedule length; the loop runs to config.train.steps.
+    step_config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=schedule_steps))
     if plan:  # jitted with explicit in/out shardings; host batches become global arrays
         to_global = lambda b: sharding_lib.global_batch(b, plan.batch, config.train.batch_size)  # noqa: E731
-        sharded_train, sharded_eval = sharding_lib.jit_train_step(config, model, plan), sharding_lib.jit_eval_step(model, plan)
+        sharded_train, sharded_eval = sharding_lib.jit_train_step(step_config, model, plan), sharding_lib.jit_eval_step(model, plan)
         train_step = lambda s, b: sharded_train(s, to_global(b))  # noqa: E731
         eval_step = lambda p, e, b: sharded_eval(p, e, to_global(b))  # noqa: E731
     else:
-        train_step = jax.jit(make_train_step(config, model), donate_argnums=(0,))
+        train_step = jax.jit(make_train_step(step_config, model), donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(model))
 
     t = config.train
     tokens_per_step = t.batch_size * t.seq_len
+    last_saved = start
+
+    def save(done: int) -> None:
+        nonlocal last_saved
+        save_checkpoint(manager, done, state, keep=t.keep_checkpoints)
+        if last_saved == 0 and is_main_host:  # a fresh run records its config with the first checkpoint
+            write_record(workdir, config, schedule_steps=schedule_steps)
+        last_saved = done
+
+    def stop_requested(step: int) -> Optional[str]:
+        if stop.received:
+            return stop.received
+        if jax.process_count() > 1 and manager.reached_preemption(step):
+            return "a preemption notice"
+        return None
+
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main_host), dynamic_ncols=True, desc="train")
     window_start, window_steps = time.perf_counter(), 0
-    with open(metrics_path, "a") if is_main_host else open(os.devnull, "w") as log:
-        for step in range(start, t.steps):
-            batch = data.train_batch(step).as_dict()
-            state, m = train_step(state, batch)
-            window_steps += 1
-            done = step + 1
-            if done % t.log_every == 0 or done == t.steps:
-                m = jax.device_get(m)
-                elapsed = time.perf_counter() - window_start
-                record = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
-                          "grad_norm": float(m["grad_norm"]), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
-                record["bpb" if data.metric == "bpb" else "accuracy"] = (
-                    float(m["ce"]) / LN2 if data.metric == "bpb" else float(m["accuracy"]))
-                record.update({k: float(v) for k, v in m.items() if k.startswith("loss_")})
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                ev = evaluate(eval_step, state, data.eval_batches(), data.metric)
-                log.write(json.dumps({"step": done, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
-            if done % t.checkpoint_every == 0 or done == t.steps:
-                manager.save(done, args=ocp.args.StandardSave(state))
-                manager.wait_until_finished()
-            bar.update(1)
+    pending = None  # (step, metrics) of a step whose finiteness is checked once the next one is dispatched
+    try:
+        with open(metrics_path, "a") if is_main_host else open(os.devnull, "w") as log:
+            for step in range(start, t.steps):
+                reason = stop_requested(step)
+                if reason:
+                    if pending:
+                        _check_finite(*pending, last_saved)
+                    if step > last_saved:
+                        save(step)
+                    raise Preempted(step, reason)
+                batch = data.train_batch(step).as_dict()
+                state, m = train_step(state, batch)
+                window_steps += 1
+                done = step + 1
+                if pending:
+                    _check_finite(*pending, last_saved)
+                pending = (done, m)
+                is_log = done % t.log_every == 0 or done == t.steps
+                is_eval = bool(t.eval_every) and done % t.eval_every == 0 and done != t.steps
+                is_save = done % t.checkpoint_every == 0 or done == t.steps
+                if is_log or is_eval or is_save:
+                    _check_finite(*pending, last_saved)
+                    pending = None
+                if is_log:
+                    m = jax.device_get(m)
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
+                              "grad_norm": float(m["grad_norm"]), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
+                    record["bpb" if data.metric == "bpb" else "accuracy"] = (
+                        float(m["ce"]) / LN2 if data.metric == "bpb" else float(m["accuracy"]))
+                    record.update({k: float(v) for k, v in m.items() if k.startswith("loss_")})
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if is_eval:
+                    ev = evaluate(eval_step, state, data.eval_batches(), data.metric)
+                    log.write(json.dumps({"step": done, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
+                    log.flush()
+                if is_save:
+                    save(done)
+                bar.update(1)
+            if pending:
+                _check_finite(*pending, last_saved)
+            bar.close()
+            reason = stop_requested(int(state.step))
+            if reason:
+                raise Preempted(int(state.step), reason)
+            final = evaluate(eval_step, state, data.eval_batches(), data.metric)
+            log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
+    finally:
         bar.close()
-        final = evaluate(eval_step, state, data.eval_batches(), data.metric)
-        log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
-    manager.close()
+        manager.close()
     return {"step": int(state.step), **final}
 
 
-def load_trained(workdir: str | Path) -> tuple[Config, Transformer, TrainState]:
-    """Restores the latest checkpoint of a workdir together with its config."""
-    from ling_jax.config import from_dict
+def load_trained(workdir: str | Path, *, log_fn: Optional[Callable[[str], None]] = None
+                 ) -> tuple[Config, Transformer, TrainState]:
+    """Restores the newest good checkpoint of a workdir together with its config.
 
+    Read-only: the checkpoint manager creates, cleans and deletes nothing, so it is safe while a
+    trainer writes the workdir; a step deleted under it makes it list the steps again, and a
+    corrupted step is skipped with a warning (to ``log_fn``, default stderr).
+    """
     workdir = Path(workdir)
-    path = workdir / "config.json"
-    if not path.exists():
+    config = recorded_config(workdir)
+    if config is None:
         raise FileNotFoundError(f"{workdir} has no config.json: not a ling-jax training workdir")
-    config = from_dict(json.loads(path.read_text())["config"])
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     model = Transformer(config.model)
-    state = init_state(config, model, jax.random.key(config.train.seed))
-    manager = checkpoint_manager(workdir, config)
-    state, step = restore_latest(manager, state)
-    manager.close()
+    state = abstract_state(config, model)
+    manager = checkpoint_manager(workdir, config, read_only=True)
+    try:
+        state, step = restore_latest(manager, state, log_fn=log_fn)
+    finally:
+        manager.close()
     if step == 0:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     return config, model, state

@@ -13,7 +13,9 @@ A file is *text* when it decodes as UTF-8 and has no NUL byte anywhere (stricter
 files are taken in order of their relative POSIX path and
 assigned to a split by a stable hash of that relative path (sha256; the first 8 bytes read as a
 fraction in [0, 1): below `validation_fraction` means validation), so a file is never in both
-splits and the assignment does not depend on which other files exist. Within a split, files are
+splits and the assignment does not depend on which other files exist. A directory with too few
+files for that (one split would get no file) holds out the tail bytes of every file instead,
+as a single file does, and logs a warning saying so. Within a split, files are
 joined with `DOC_SEPARATOR` (one NUL byte, which never occurs inside a text file, so it marks
 document boundaries unambiguously). A single file is split by position: its last
 `validation_fraction` of bytes, moved back to the start of a line, are validation.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import pathlib
@@ -39,6 +42,8 @@ DOC_SEPARATOR = b"\x00"
 """Byte placed between two files of a directory corpus (never occurs inside a text file)."""
 
 SPLITS = ("train", "validation")
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -147,12 +152,39 @@ def _directory_texts(root: pathlib.Path, default: bool) -> tuple[tuple[str, path
     return tuple(texts)
 
 
+@functools.lru_cache(maxsize=8)
+def _note_tail_split(root: pathlib.Path, files: int, fraction: float) -> None:
+    """Says once per directory that it is split by tail bytes (the log, not an error)."""
+    logger.warning(
+        f"{root}: {files} text file(s) are too few to split by file at validation_fraction={fraction} "
+        f"(one split would get none); holding out the last {fraction:.0%} of each file's bytes as validation instead"
+    )
+
+
 def _directory_split(
     root: pathlib.Path, default: bool, split: str, fraction: float
 ) -> list[tuple[pathlib.Path, bytes]]:
-    """(path, bytes) of the directory's text files in `split`; DataError if there are none."""
+    """(path, bytes) of the directory's text in `split`; DataError if there is none.
+
+    Files are assigned to a split by their path hash; when that leaves a split without files (a
+    small directory), every file is split by position like a single file (its tail bytes are
+    validation) and a warning says so.
+    """
     texts = _directory_texts(root, default)
-    chosen = [(p, raw) for rel, p, raw in texts if _is_validation(rel, fraction) == (split == "validation")]
+    held_out = [_is_validation(rel, fraction) for rel, _, _ in texts]
+    if fraction > 0 and (all(held_out) or not any(held_out)):
+        _note_tail_split(root, len(texts), fraction)
+        parts = []
+        for _, p, raw in texts:
+            cut = _file_cut(raw, fraction)
+            part = raw[:cut] if split == "train" else raw[cut:]
+            if part:
+                parts.append((p, part))
+        if not parts:
+            raise DataError(f"{root}: split {split!r} would be empty: too little data "
+                            f"({sum(len(raw) for _, _, raw in texts)} bytes in {len(texts)} text files)")
+        return parts
+    chosen = [(p, raw) for (rel, p, raw), v in zip(texts, held_out) if v == (split == "validation")]
     if not chosen:
         share = fraction if split == "validation" else 1.0 - fraction
         need = f"about {math.ceil(1 / share)} or more files" if share > 0 else "a validation_fraction > 0"
@@ -239,7 +271,8 @@ def corpus_files(
 ) -> list[pathlib.Path]:
     """The files whose bytes make up `load_corpus(path, split, validation_fraction)`, in order.
 
-    For a single-file corpus this is `[that file]` for both splits (it is split by position).
+    For a single-file corpus this is `[that file]` for both splits (it is split by position), and
+    a directory split by tail bytes lists every file with a non-empty part in both splits.
     """
     _check_split(split)
     _check_fraction(validation_fraction)

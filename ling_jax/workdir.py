@@ -1,0 +1,188 @@
+"""The training workdir: an exclusive lock, the recorded config.json, and metrics.jsonl upkeep.
+
+* :class:`WorkdirLock` holds ``fcntl.flock`` on ``<workdir>/.lock`` for the whole run. The lock
+  dies with its process (even on SIGKILL), so a stale lock is simply taken over; the file keeps
+  the holder's PID so a refused trainer can name it.
+* ``config.json`` records the config, its model signature and the learning-rate schedule length
+  (``schedule_steps``, fixed by the run that started the workdir). It is written atomically
+  (temporary file + ``os.replace``) and only after a successful restore or the first save.
+* ``metrics.jsonl`` is truncated on resume to the restored step; a partial last line (a killed
+  writer) or any unparsable line is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ling_jax.config import Config, ConfigError, from_dict, model_signature, to_dict
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: not a directory, not writable, locked by another run, unreadable config."""
+
+
+def prepare(workdir: str | Path) -> Path:
+    """Creates ``workdir`` if needed; WorkdirError if it is a file or cannot be created."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} exists and is not a directory; pass a directory to --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror or e}") from e
+    return workdir
+
+
+class WorkdirLock:
+    """Exclusive, non-blocking lock on a workdir, held from ``__enter__`` to ``__exit__``."""
+
+    def __init__(self, workdir: Path, log_fn: Callable[[str], None] = print):
+        self.path = Path(workdir) / LOCK_NAME
+        self.log_fn = log_fn
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "WorkdirLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"workdir {self.path.parent} is not writable ({e.strerror or e}); "
+                               "use a writable --workdir") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirError(f"workdir {self.path.parent} is in use by another training run "
+                                   f"({holder or 'PID unknown'}); wait for it to finish or stop it") from None
+            raise WorkdirError(f"cannot lock workdir {self.path.parent}: {e.strerror or e}") from e
+        previous = _read_holder(fd)
+        if previous:
+            self.log_fn(f"took over the workdir lock left by {previous}, which is no longer running")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise WorkdirError(f"workdir {self.path.parent} is not writable ({e.strerror or e})") from e
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # a clean exit leaves no holder behind
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_record(workdir: str | Path) -> Optional[dict]:
+    """The parsed config.json of a workdir, None if there is none."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise ValueError("no 'config' object")
+        return record
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is unreadable ({e}); restore it or use a new --workdir") from e
+
+
+def recorded_config(workdir: str | Path) -> Optional[Config]:
+    """The Config a workdir was trained with, None if it has no config.json."""
+    record = read_record(workdir)
+    return None if record is None else from_dict(record["config"])
+
+
+def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
+    """Writes config.json atomically: a temporary file in the workdir, fsync, ``os.replace``."""
+    path = workdir / "config.json"
+    tmp = workdir / f".config.json.{os.getpid()}.tmp"
+    record = {"model_signature": model_signature(config.model), "schedule_steps": int(schedule_steps),
+              "config": to_dict(config)}
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=2, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_model(workdir: Path, record: dict, config: Config) -> None:
+    """Refuses a config whose model parameters differ from the recorded ones."""
+    current = json.loads(json.dumps(model_signature(config.model)))
+    saved = record.get("model_signature")
+    if saved is not None and saved != current:
+        diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model config (fields differ: "
+                          f"{diffs}); use a new --workdir or the same model settings")
+
+
+def config_changes(recorded: Config, config: Config, *, ignore: tuple[str, ...] = ("mesh", "preset")) -> list[str]:
+    """``"section.field: old -> new"`` for every field of ``config`` that differs from ``recorded``."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        for f in dataclasses.fields(a):
+            name = f"{prefix}{f.name}"
+            if name in ignore:
+                continue
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if dataclasses.is_dataclass(va):
+                walk(va, vb, name + ".")
+            elif va != vb:
+                out.append(f"{name}: {va!r} -> {vb!r}")
+
+    walk(recorded, config, "")
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] = print) -> None:
+    """Keeps the metric lines up to ``last_step`` (later ones are re-run), dropping unparsable
+    lines (a partial last line of a killed run); rewrites the file atomically."""
+    if not path.exists():
+        return
+    keep, dropped = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record.get("step", 0) if isinstance(record, dict) else None
+        except ValueError:
+            step = None
+        if not isinstance(step, int):
+            dropped += 1
+        elif step <= last_step:
+            keep.append(line)
+    if dropped:
+        log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
