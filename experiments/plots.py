@@ -261,7 +261,7 @@ def draw_all(results_root: Path, preset: str) -> list[Path]:
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--results", type=Path, default=C.RESULTS_ROOT)
     args = parser.parse_args(argv)

@@ -213,11 +213,17 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[T
     return restored, int(step)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops metric lines logged after the checkpoint we resume from (they will be re-run)."""
+def _truncate_metrics(path: Path, last_step: int, final: bool = False) -> None:
+    """Drops metric lines logged after the checkpoint we resume from (they will be re-run); with
+    ``final`` (resuming at the last step: only the final evaluation runs again) also the final
+    evaluation lines of that step, so a re-evaluation replaces its line instead of adding one."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    def kept(record: dict) -> bool:
+        step = record.get("step", 0)
+        return step < last_step or (step == last_step and not (final and any(k.startswith("eval_") for k in record)))
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -251,7 +257,7 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     state, start = restore_latest(manager, state)
     metrics_path = workdir / "metrics.jsonl"
     if is_main_host:
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(metrics_path, start, final=start >= config.train.steps)
     if start:
         log_fn(f"resumed from step {start} in {workdir}")
 
