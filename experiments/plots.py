@@ -16,6 +16,7 @@ PNG path; ``python experiments/plots.py`` redraws all figures of a preset.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -47,10 +48,20 @@ _META = {"Software": "matplotlib"}  # fixed PNG metadata: no version string or d
 
 
 def _save(fig, path: Path) -> Path:
+    """PNG at 90 dpi in a 256-colour palette: these flat plots look the same at a third of the bytes
+    (the repository and the notebook's embedded outputs stay small)."""
+    from PIL import Image, PngImagePlugin
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight", metadata=_META)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata=_META)
     plt.close(fig)
+    image = Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    info = PngImagePlugin.PngInfo()
+    for key, value in _META.items():
+        info.add_text(key, value)
+    image.save(path, format="PNG", optimize=True, pnginfo=info)
     return path
 
 
