@@ -9,6 +9,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from ling_jax.testing import FAST_COMPILE_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "ablations.ipynb"
 
@@ -34,7 +36,8 @@ def _ensure_kernel() -> str:
 
 def test_ablations_notebook_runs(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = {"LING_JAX_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
+    # the kernel compiles with most XLA optimizations off: its tiny live ablation is all compile time
+    env = {"LING_JAX_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO), **FAST_COMPILE_ENV}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits the environment
     try:
