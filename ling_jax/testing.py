@@ -65,7 +65,7 @@ def fast_compile() -> Iterator[None]:
     """Compile with most XLA optimizations off inside the block (several times faster to compile,
     slower to run; results equal up to float rounding). Only for tests that assert what a pipeline
     produces, not exact numbers; executables compiled inside stay cached for their jitted function."""
-    old = jax.config.jax_disable_most_optimizations
+    old = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:
         yield
