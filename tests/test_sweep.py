@@ -15,6 +15,7 @@ from ling_jax.config import ConfigError, PruningConfig, apply_overrides, get_pre
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
 from ling_jax.sweep import best_within, default_budgets, format_table, pruning_sweep, sweep_variants
+from ling_jax.testing import fast_compile
 
 PRUNED = {"model.pruning.enabled": "true", "model.pruning.layers": "all", "model.pruning.window": "4",
           "model.pruning.budget": "16", "train.eval_batches": "1"}
@@ -94,7 +95,14 @@ def _snapshot(workdir) -> dict:
     return {str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-def test_train_then_sweep_from_the_cli(tmp_path, capsys):
+@pytest.fixture
+def quick_compiles():
+    """End to end through the CLI: dozens of compiles of a tiny model, each run once or twice."""
+    with fast_compile():
+        yield
+
+
+def test_train_then_sweep_from_the_cli(tmp_path, capsys, quick_compiles):
     workdir = tmp_path / "wd"
     train_cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "2", "--skip-baselines",
                  "--no-progress", *[f"--{k}={v}" for k, v in PRUNED.items()]]
@@ -140,7 +148,7 @@ def test_train_then_sweep_from_the_cli(tmp_path, capsys):
     assert [r["step"] for r in finals] == [2, 3]  # one final evaluation per training run, none added by reruns
 
 
-def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys):
+def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys, quick_compiles):
     workdir = tmp_path / "dense"
     cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "1", "--skip-baselines",
            "--no-progress", "--train.eval_batches=1"]
