@@ -5,8 +5,8 @@
 * :func:`sweep_path`: the file a pruning sweep with given settings writes (named after them);
 * :func:`stored_sweep`: a previous sweep with those settings of the same checkpoint step, if any.
 
-Everything here reads small files only (no jax), so answering "already done" takes well under a
-second.
+Everything here reads small files only (no checkpoint restore, no compile), so answering "already
+done" takes well under a second.
 """
 
 from __future__ import annotations
