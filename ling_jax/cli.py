@@ -314,9 +314,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "(e.g. pruning_sweep_b16-32_window-h2o-tova.json). An existing sweep of the same settings "
                        "and checkpoint is printed, not redone; nothing is overwritten without --force."), **common)
     p.add_argument("--workdir", required=True, metavar="DIR", help="a workdir trained with pruning enabled")
-    p.add_argument("--thresholds", type=float, nargs="+", help="default: 0.1 0.3 0.5 0.7 0.9")
-    p.add_argument("--budgets", type=int, nargs="+", help="keys per query (default: 1/8, 1/4, 1/2 of seq_len)")
-    p.add_argument("--baselines", nargs="*", default=["window"], help="random window h2o tova oracle (oracle: tasks)")
+    p.add_argument("--thresholds", type=float, nargs="+", metavar="T", help="default: 0.1 0.3 0.5 0.7 0.9")
+    p.add_argument("--budgets", type=int, nargs="+", metavar="B", help="keys per query (default: 1/8, 1/4, 1/2 of seq_len)")
+    p.add_argument("--baselines", nargs="*", default=["window"], metavar="NAME", help="random window h2o tova oracle (oracle: tasks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="run the sweep even if its file exists, and overwrite it")
     p.set_defaults(fn=cmd_sweep)
