@@ -50,7 +50,7 @@ def forward_flops(config, state, tokens) -> tuple[float, float]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--capacity", type=float, default=0.125)

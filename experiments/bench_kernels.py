@@ -262,7 +262,7 @@ HEADLINE_KEYS = ("attn_fraction_of_ideal_s75", "attn_max_abs_err_fwd")
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write the flat results object here")
     p.add_argument("--sections", nargs="+", choices=("attention", "gmm"), default=["attention", "gmm"],
                    help="which kernels to check and time")

@@ -175,7 +175,7 @@ def machine_matmul_gflops(n: int = 2048, calls: int = 10) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192, help="tokens per forward (batch x length)")
     p.add_argument("--d-model", dest="d_model", type=int, default=512)
     p.add_argument("--expert-dim", dest="expert_dim", type=int, default=512)

@@ -183,7 +183,7 @@ def bench_decode(cfg: ModelConfig, params, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small", help="model dimensions (ling_jax preset)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048, help="prefill sequence length")

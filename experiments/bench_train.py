@@ -42,7 +42,7 @@ def matmul_flops_per_sec(n: int, repeats: int) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--steps", type=int, default=10, help="timed train steps")
     parser.add_argument("--matmul-size", type=int, default=2048)

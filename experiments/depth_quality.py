@@ -148,7 +148,7 @@ class Evaluator:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=600)

@@ -97,7 +97,7 @@ def final_loads(workdir: Path, last_steps: int = 20) -> tuple[dict, dict, float]
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bias-rate", dest="bias_rate", type=float, default=0.001)

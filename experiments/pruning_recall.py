@@ -114,7 +114,7 @@ def evaluate(args, params, policy: str, batches) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=192)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--queries", type=int, default=8)

@@ -445,7 +445,7 @@ def current_section(readme: str) -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--results", type=Path, default=C.RESULTS_ROOT)
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")

@@ -115,7 +115,7 @@ def _plain(x: Any) -> Any:
 def parse(description: str, argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
     C.common_args(parser)
     args = parser.parse_args(argv)
     return args, (sys.argv[1:] if argv is None else list(argv))

@@ -178,7 +178,7 @@ def keep_map(task: str, trained: C.Trained, batch: dict, threshold: float) -> di
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     C.common_args(parser)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)

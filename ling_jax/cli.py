@@ -1,6 +1,6 @@
-"""Command line: ``ling-jax train | eval | sweep | info``.
+"""ling-jax: train, evaluate, sweep and size token-efficient transformers.
 
-Overrides use the config's dotted field names: ``--model.d_model 512`` or ``--train.steps=100``.
+Commands: train, eval, sweep, info (ling-jax COMMAND --help for each).
 """
 
 from __future__ import annotations
@@ -9,10 +9,34 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from ling_jax.config import Config, ConfigError, apply_overrides, get_preset
+from ling_jax.config import PRESETS, Config, ConfigError, apply_overrides, get_preset
+
+OVERRIDES_HELP = """\
+config overrides:
+  Any config field can be set by its dotted name, as --section.field VALUE or
+  --section.field=VALUE, with sections model, train, data and mesh, for example
+    ling-jax train --preset cpu-small --workdir runs/wide --model.d_model 256 --train.learning_rate 1e-3
+    ling-jax train --preset cpu-tiny --workdir runs/mqar --task mqar --data.task_options num_pairs=8
+  An unknown field or a bad value is an error that names the field and what is allowed.
+  Options are never abbreviated: --step 10 is an error, write --steps 10.
+"""
+
+
+def _presets_help() -> str:
+    """Each preset's name and the first paragraph of its docstring."""
+    lines = ["presets:"]
+    for name, make in PRESETS.items():
+        about = " ".join((make.__doc__ or "").strip().split("\n\n")[0].replace("``", "").split())
+        lines.append(textwrap.fill(about, 92, initial_indent=f"  {name:<18}", subsequent_indent=" " * 20))
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), 92)
 
 
 def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
@@ -78,10 +102,17 @@ def _train_config(args, extra) -> Config:
 
 
 def cmd_train(args, extra) -> int:
-    from ling_jax.train import train
+    from ling_jax.rerun import finished_eval
 
     config = _train_config(args, extra)
-    result = train(config, args.workdir, progress=not args.no_progress)
+    result = None if args.force else finished_eval(config, args.workdir)
+    if result is not None:
+        print(f"{args.workdir} already finished training ({result['step']} steps); reusing its results "
+              "(pass --force to evaluate and sweep again, or use a new --workdir to train from scratch)")
+    else:
+        from ling_jax.train import train
+
+        result = train(config, args.workdir, progress=not args.no_progress)
     print(json.dumps(result))
     if config.data.task == "text" and not args.skip_baselines:
         from ling_jax.data import load_corpus
@@ -94,14 +125,51 @@ def cmd_train(args, extra) -> int:
         for name, value in table.items():
             print(f"  {name:<16} {value:.3f}")
     if config.model.pruning.enabled and not args.skip_sweep:
-        _sweep(args.workdir, progress=not args.no_progress)
+        # the job's own sweep file: reused when it is of the final checkpoint, redone after more training
+        _sweep(args.workdir, progress=not args.no_progress, force=args.force, replace_stale=True)
     return 0
 
 
-def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=("window",)) -> list[dict]:
-    """Pruning sweep of a trained workdir's latest checkpoint; prints a table, writes pruning_sweep.json."""
+def _print_sweep(sweep: dict) -> None:
+    rows, metric = sweep["rows"], sweep["metric"]
+    size = f" ({sweep['batches']} validation batches, {sweep['tokens']:,} tokens)" if "tokens" in sweep else ""
+    print(f"pruning sweep at step {sweep['step']}{size}; rel. loss vs the same weights with nothing pruned:")
+    from ling_jax.sweep import best_within, format_table
+
+    print(format_table(rows, metric))
+    best = best_within(rows)
+    if best is None:
+        print("no pruned setting stays within 2% of keep-all")
+    else:
+        print(f"largest computed token reduction within 2%: {best['token_reduction']:.2f}x "
+              f"({best['rule']} {best['value']:g})")
+
+
+def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=("window",), force: bool = False,
+           replace_stale: bool = False) -> list[dict]:
+    """Pruning sweep of a trained workdir's latest checkpoint; prints a table and writes it to a file
+    named after the settings. A file of the same settings and checkpoint is reused unless ``force``;
+    one of an older checkpoint is an error unless ``force`` or ``replace_stale``."""
+    from ling_jax.rerun import latest_checkpoint_step, stored_sweep, sweep_path
+    from ling_jax.sweep import DEFAULT_THRESHOLDS
+
+    out = sweep_path(workdir, thresholds, budgets, baselines, DEFAULT_THRESHOLDS)
+    if not force:
+        try:
+            stored = stored_sweep(out, workdir)
+        except ConfigError:
+            if not replace_stale:
+                raise
+            stored = None
+        if stored is not None:
+            _print_sweep(stored)
+            print(f"(read from {out}, written earlier for this checkpoint; pass --force to run the sweep again)")
+            return stored["rows"]
+    if latest_checkpoint_step(workdir) is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet: train it first (ling-jax train --workdir {workdir})")
+
     from ling_jax.pipeline import build_data
-    from ling_jax.sweep import DEFAULT_THRESHOLDS, best_within, format_table, pruning_sweep
+    from ling_jax.sweep import pruning_sweep
     from ling_jax.train import load_trained
 
     config, _, state = load_trained(workdir)
@@ -111,18 +179,17 @@ def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=
     rows = pruning_sweep(config.model, variables, batches, data.metric, progress=progress,
                          thresholds=DEFAULT_THRESHOLDS if thresholds is None else thresholds,
                          budgets=budgets, baselines=baselines)
-    tokens = sum(int(b["inputs"].size) for b in batches)
-    print(f"pruning sweep at step {int(state.step)} ({len(batches)} validation batches, {tokens:,} tokens; "
-          f"rel. loss vs the same weights with nothing pruned):")
-    print(format_table(rows, data.metric))
-    best = best_within(rows)
-    if best is None:
-        print("no pruned setting stays within 2% of keep-all")
-    else:
-        print(f"largest computed token reduction within 2%: {best['token_reduction']:.2f}x ({best['rule']} {best['value']:g})")
-    out = Path(workdir) / "pruning_sweep.json"
-    out.write_text(json.dumps({"step": int(state.step), "metric": data.metric, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    sweep = {"step": int(state.step), "metric": data.metric, "batches": len(batches),
+             "tokens": sum(int(b["inputs"].size) for b in batches),
+             "settings": {"thresholds": list(DEFAULT_THRESHOLDS if thresholds is None else thresholds),
+                          "budgets": None if budgets is None else list(budgets), "baselines": list(baselines)},
+             "rows": rows}
+    _print_sweep(sweep)
+    replaced = f" (replacing the sweep of step {json.loads(out.read_text()).get('step')})" if out.exists() else ""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sweep, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}{replaced}")
     return rows
 
 
@@ -130,7 +197,7 @@ def cmd_sweep(args, extra) -> int:
     if extra:
         raise ConfigError(f"ling-jax sweep takes no config overrides, got {list(extra)}")
     _sweep(args.workdir, progress=not args.no_progress, thresholds=args.thresholds, budgets=args.budgets,
-           baselines=tuple(args.baselines))
+           baselines=tuple(args.baselines), force=args.force)
     return 0
 
 
@@ -152,6 +219,42 @@ def cmd_eval(args, extra) -> int:
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def _print_info(info: dict) -> None:
+    """The info dict as text: counts with separators, bytes in KiB / MiB / GiB."""
+    print(f"preset {info['preset']}")
+    print(f"  parameters                {info['params']:,}")
+    print(f"  FLOPs per token           {info['flops_per_token_forward']:,.0f} forward, "
+          f"{info['flops_per_token_train']:,.0f} train step (3x)")
+    print(f"  tokens per step           {info['tokens_per_step']:,}")
+    print(f"  parameters (float32)      {_human_bytes(info['param_bytes'])}, AdamW moments "
+          f"{_human_bytes(info['optimizer_bytes'])} (whole model, before sharding)")
+    if "devices" not in info:
+        return
+    mesh = ",".join(f"{k}={v}" for k, v in info["mesh"].items())
+    n = info["devices"]
+    print(f"one train step compiled for {info['backend']}, per device, on mesh {mesh} ({n} device{'s' if n != 1 else ''}):")
+    for key, name in (("param_bytes_per_device", "parameters"), ("optimizer_bytes_per_device", "optimizer state"),
+                      ("batch_bytes_per_device", "batch"), ("activation_bytes_per_device", "temporaries (activations)"),
+                      ("peak_bytes_per_device", "peak")):
+        if key in info:
+            print(f"  {name:<25} {_human_bytes(info[key])}")
+    if info.get("attention") == "xla" and info["backend"] == "cpu" and info["seq_len"] >= 1024:
+        print("(attention compiles as plain XLA here, with full T x T score matrices; on TPU / GPU the Pallas\n"
+              " flash kernel keeps none, so run this on the accelerator for its temporaries)")
+    if n == 1:
+        print("this is the whole model on one device; for each device's share on a larger mesh pass --mesh\n"
+              "(on a CPU machine with as many fake devices; docs/TPU.md), e.g.\n"
+              f"  XLA_FLAGS=--xla_force_host_platform_device_count=8 ling-jax info --preset {info['preset']} "
+              "--mesh data=1,fsdp=-1 --memory")
 
 
 def cmd_info(args, extra) -> int:
@@ -176,49 +279,79 @@ def cmd_info(args, extra) -> int:
         "param_bytes": param_bytes,
         "optimizer_bytes": 2 * param_bytes,
         "tokens_per_step": t.batch_size * t.seq_len,
+        "seq_len": t.seq_len,
     }
     if args.mesh or args.memory:
         from ling_jax.sharding import memory_report
 
-        info.update(memory_report(config))
-    print(json.dumps(info, indent=2))
+        from ling_jax.layers.attention import resolve_impl
+
+        info.update(memory_report(config), backend=jax.default_backend(), attention=resolve_impl(config.model.attention_impl))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ling-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # allow_abbrev=False everywhere: a mistyped --step must be an error, not a silent --steps
+    common = dict(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="ling-jax", description=__doc__, epilog=_presets_help() + "\n" + OVERRIDES_HELP,
+                                     **common)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train (resumes from the latest checkpoint in --workdir)")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("train", help="train (resumes from the latest checkpoint in --workdir)",
+                       description=_wrap("Train a preset, resuming from the latest checkpoint in --workdir; then print "
+                       "validation bits per byte beside zlib-9 and an order-2 n-gram (text) and, with pruning "
+                       "enabled, sweep the pruning thresholds and budgets. A workdir that already finished is "
+                       "not trained again: its results are printed (--force redoes evaluation and sweep)."),
+                       epilog=_presets_help() + "\n" + OVERRIDES_HELP, **common)
+    p.add_argument("--preset", required=True, choices=list(PRESETS), metavar="PRESET",
+                   help="model, training and data settings to start from (listed below)")
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="where config.json, metrics.jsonl, checkpoints/ and pruning_sweep.json go")
     _add_data_args(p)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--mesh", help="e.g. data=2,fsdp=2,tensor=1,expert=2 (one may be -1)")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps (default: the preset's; same as --train.steps N)")
+    p.add_argument("--checkpoint-every", type=int, metavar="K", help="save a checkpoint every K steps")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=1,expert=2 (one may be -1)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--skip-baselines", action="store_true", help="do not print zlib / n-gram figures")
     p.add_argument("--skip-sweep", action="store_true", help="with pruning enabled: do not run the pruning sweep")
+    p.add_argument("--force", action="store_true",
+                   help="on a finished workdir: evaluate and sweep again (overwrites pruning_sweep.json)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sweep", help="pruning sweep (thresholds, budgets, baselines) of a workdir trained with pruning")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--thresholds", type=float, nargs="+", help="default: 0.1 0.3 0.5 0.7 0.9")
-    p.add_argument("--budgets", type=int, nargs="+", help="keys per query (default: 1/8, 1/4, 1/2 of seq_len)")
-    p.add_argument("--baselines", nargs="*", default=["window"], help="random window h2o tova oracle (oracle: tasks)")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("sweep", help="pruning sweep (thresholds, budgets, baselines) of a workdir trained with pruning",
+                       description=_wrap("Pruning sweep of the latest checkpoint in --workdir. The result goes to "
+                       "DIR/pruning_sweep.json for the default settings, else to a file named after the settings "
+                       "(e.g. pruning_sweep_b16-32_window-h2o-tova.json). An existing sweep of the same settings "
+                       "and checkpoint is printed, not redone; nothing is overwritten without --force."), **common)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a workdir trained with pruning enabled")
+    p.add_argument("--thresholds", type=float, nargs="+", metavar="T", help="default: 0.1 0.3 0.5 0.7 0.9")
+    p.add_argument("--budgets", type=int, nargs="+", metavar="B", help="keys per query (default: 1/8, 1/4, 1/2 of seq_len)")
+    p.add_argument("--baselines", nargs="*", default=["window"], metavar="NAME", help="random window h2o tova oracle (oracle: tasks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="run the sweep even if its file exists, and overwrite it")
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("eval", help="evaluate the latest checkpoint; prints one JSON line")
-    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint; prints one JSON line",
+                       description=_wrap("Evaluate the latest checkpoint in --workdir on its validation data "
+                       "(or other data); prints one JSON line."), epilog=OVERRIDES_HELP, **common)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a training workdir")
     _add_data_args(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("info", help="parameter count, FLOPs per token, memory estimate")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--mesh")
+    p = sub.add_parser("info", help="parameter count, FLOPs per token, memory estimate",
+                       description=_wrap("Parameter count, FLOPs per token and bytes of a preset; with --memory or "
+                       "--mesh, the per-device memory of one compiled train step on that mesh over the devices "
+                       "present (fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)."),
+                       epilog=_presets_help() + "\n" + OVERRIDES_HELP, **common)
+    p.add_argument("--preset", required=True, choices=list(PRESETS), metavar="PRESET", help="a preset (listed below)")
+    p.add_argument("--mesh", help="device mesh the memory figure is for, e.g. data=1,fsdp=-1 (docs/TPU.md)")
     p.add_argument("--memory", action="store_true", help="compile a train step and report per-device memory")
+    p.add_argument("--json", action="store_true", help="print one JSON object (sizes in bytes) instead of text")
     p.set_defaults(fn=cmd_info)
     return parser
 

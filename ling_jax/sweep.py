@@ -118,7 +118,7 @@ def format_table(rows: Sequence[dict], metric: str) -> str:
     for r in rows:
         value = "-" if r["value"] is None else f"{r['value']:g}"
         lines.append(f"{r['rule']:<15} {value:>6} {r['keep_ratio']:>10.3f} {r['token_reduction']:>17.2f}x "
-                     f"{r['token_reduction_ideal']:>14.2f}x {r['quality']:>9.3f} {100 * r['rel_loss']:>+8.1f}%")
+                     f"{r.get('token_reduction_ideal', float('nan')):>14.2f}x {r['quality']:>9.3f} {100 * r['rel_loss']:>+8.1f}%")
     return "\n".join(lines)
 
 

@@ -1,8 +1,13 @@
-"""Test helpers shared by every test module: one dtype-aware tolerance table."""
+"""Test helpers shared by every test module: one dtype-aware tolerance table; fast compiles for
+end-to-end tests."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,3 +53,21 @@ def _tree_map(fn, tree):
     import jax
 
     return jax.tree_util.tree_map(fn, tree)
+
+
+# End-to-end tests (the experiment scripts' smoke preset, the notebook) compile dozens of tiny
+# programs and run each only a few steps, so XLA's optimization passes are most of their time.
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # the same, for a subprocess or kernel
+
+
+@contextlib.contextmanager
+def fast_compile() -> Iterator[None]:
+    """Compile with most XLA optimizations off inside the block (several times faster to compile,
+    slower to run; results equal up to float rounding). Only for tests that assert what a pipeline
+    produces, not exact numbers; executables compiled inside stay cached for their jitted function."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)

@@ -307,7 +307,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
         if is_main_host:
             write_record(workdir, config, schedule_steps=schedule_steps)
     if is_main_host:
-        truncate_metrics(metrics_path, start, log_fn)
+        truncate_metrics(metrics_path, start, log_fn, final=start >= config.train.steps)
 
     # The optimizer sees the recorded schedule length; the loop runs to config.train.steps.
     step_config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=schedule_steps))

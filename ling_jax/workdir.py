@@ -163,9 +163,11 @@ def config_changes(recorded: Config, config: Config, *, ignore: tuple[str, ...] 
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 
-def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] = print) -> None:
+def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] = print, final: bool = False) -> None:
     """Keeps the metric lines up to ``last_step`` (later ones are re-run), dropping unparsable
-    lines (a partial last line of a killed run); rewrites the file atomically."""
+    lines (a partial last line of a killed run); rewrites the file atomically. With ``final``
+    (resuming at the last step: only the final evaluation runs again) the final-evaluation lines
+    of that step go too, so a re-evaluation replaces its line instead of adding one."""
     if not path.exists():
         return
     keep, dropped = [], 0
@@ -179,7 +181,7 @@ def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] =
             step = None
         if not isinstance(step, int):
             dropped += 1
-        elif step <= last_step:
+        elif step < last_step or (step == last_step and not (final and any(k.startswith("eval_") for k in record))):
             keep.append(line)
     if dropped:
         log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments import ablate_depth, ablate_moe, combined, common, plots, report, sweep_pruning
+from ling_jax.testing import fast_compile
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"sweep_pruning": sweep_pruning, "ablate_moe": ablate_moe, "ablate_depth": ablate_depth, "combined": combined}
@@ -16,10 +17,15 @@ SCRIPTS = {"sweep_pruning": sweep_pruning, "ablate_moe": ablate_moe, "ablate_dep
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    """Every script's smoke preset, run once into one results root (runs are shared between scripts)."""
+    """Every script's smoke preset, run once into one results root (runs are shared between scripts).
+
+    About 70 tiny programs, each run a few steps: compiling is nearly all the time, so they compile
+    with most XLA optimizations off (fast_compile); the tests below check the records, keys, files
+    and resume, never exact numbers."""
     root = tmp_path_factory.mktemp("results")
-    for module in SCRIPTS.values():
-        module.main(["--preset", "smoke", "--results", str(root), "--no-progress"])
+    with fast_compile():
+        for module in SCRIPTS.values():
+            module.main(["--preset", "smoke", "--results", str(root), "--no-progress"])
     return root
 
 

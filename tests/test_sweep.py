@@ -15,6 +15,7 @@ from ling_jax.config import ConfigError, PruningConfig, apply_overrides, get_pre
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
 from ling_jax.sweep import best_within, default_budgets, format_table, pruning_sweep, sweep_variants
+from ling_jax.testing import fast_compile
 
 PRUNED = {"model.pruning.enabled": "true", "model.pruning.layers": "all", "model.pruning.window": "4",
           "model.pruning.budget": "16", "train.eval_batches": "1"}
@@ -92,27 +93,74 @@ def test_best_within_picks_the_largest_reduction_inside_the_tolerance():
     assert best_within(rows[:1]) is None
 
 
-def test_train_then_sweep_from_the_cli(tmp_path, capsys):
+def _snapshot(workdir) -> dict:
+    """Every file under a workdir: path -> (bytes, mtime)."""
+    return {str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def quick_compiles():
+    """End to end through the CLI: dozens of compiles of a tiny model, each run once or twice."""
+    with fast_compile():
+        yield
+
+
+def test_train_then_sweep_from_the_cli(tmp_path, capsys, quick_compiles):
     workdir = tmp_path / "wd"
-    overrides = [f"--{k}={v}" for k, v in PRUNED.items()]
-    assert cli.main(["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "2",
-                     "--skip-baselines", "--no-progress", *overrides]) == 0
+    train_cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "2", "--skip-baselines",
+                 "--no-progress", *[f"--{k}={v}" for k, v in PRUNED.items()]]
+    assert cli.main(train_cmd) == 0
     out = capsys.readouterr().out
     assert "pruning sweep at step 2" in out and "keep_all" in out
     saved = json.loads((workdir / "pruning_sweep.json").read_text())
     assert saved["metric"] == "bpb" and saved["rows"][0]["rule"] == "keep_all"
     assert np.isfinite([r["quality"] for r in saved["rows"]]).all()
 
-    assert cli.main(["sweep", "--workdir", str(workdir), "--thresholds", "0.5", "--budgets", "8",
-                     "--baselines", "--no-progress"]) == 0
-    rows = json.loads((workdir / "pruning_sweep.json").read_text())["rows"]
+    # a rerun of the finished job says so, prints the same results and changes no file
+    before = _snapshot(workdir)
+    assert cli.main(train_cmd) == 0
+    again = capsys.readouterr().out
+    assert "already finished training (2 steps)" in again and "--force" in again
+    assert again.split("\n", 1)[1] == out.replace(f"wrote {workdir / 'pruning_sweep.json'}",
+                                                  f"(read from {workdir / 'pruning_sweep.json'}, written earlier for "
+                                                  "this checkpoint; pass --force to run the sweep again)")
+    assert _snapshot(workdir) == before
+
+    # other settings go to a file named after them; the job's own sweep file stays as it was
+    custom = ["sweep", "--workdir", str(workdir), "--thresholds", "0.5", "--budgets", "8", "--baselines", "--no-progress"]
+    assert cli.main(custom) == 0
+    path = workdir / "pruning_sweep_t0.5_b8_nobaselines.json"
+    rows = json.loads(path.read_text())["rows"]
     assert [r["rule"] for r in rows] == ["keep_all", "threshold", "budget", "budget+compact"]
+    assert (workdir / "pruning_sweep.json").read_bytes() == before["pruning_sweep.json"][0]
+    # the same sweep again is read back, not redone; --force redoes it
+    first = _snapshot(workdir)
+    capsys.readouterr()
+    assert cli.main(custom) == 0
+    assert f"read from {path}" in capsys.readouterr().out and _snapshot(workdir) == first
+    assert cli.main([*custom, "--force"]) == 0
+    assert "replacing the sweep of step 2" in capsys.readouterr().out
+
+    # after more training the old sweep is of an older checkpoint: refused without --force
+    assert cli.main([*train_cmd[:6], "3", *train_cmd[7:], "--skip-sweep"]) == 0
+    capsys.readouterr()
+    assert cli.main(custom) == 2
+    assert "step 2" in capsys.readouterr().err and json.loads(path.read_text())["step"] == 2
+    assert cli.main([*custom, "--force"]) == 0 and json.loads(path.read_text())["step"] == 3
+    finals = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert [r["step"] for r in finals] == [2, 3]  # one final evaluation per training run, none added by reruns
 
 
-def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys):
+def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys, quick_compiles):
     workdir = tmp_path / "dense"
-    assert cli.main(["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "1",
-                     "--skip-baselines", "--no-progress", "--train.eval_batches=1"]) == 0
+    cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "1", "--skip-baselines",
+           "--no-progress", "--train.eval_batches=1"]
+    assert cli.main(cmd) == 0
     assert "pruning sweep" not in capsys.readouterr().out
     assert cli.main(["sweep", "--workdir", str(workdir), "--no-progress"]) == 2
     assert "model.pruning.enabled=true" in capsys.readouterr().err
+    # --force on the finished workdir evaluates again; its final-eval line is replaced, not repeated
+    lines = (workdir / "metrics.jsonl").read_text()
+    assert cli.main([*cmd, "--force"]) == 0
+    assert "already finished" not in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text() == lines

@@ -1,0 +1,61 @@
+"""``ling-jax`` argument parsing: help that lists presets and explains overrides, no abbreviated
+options, ``info`` in human units with the mesh its memory figure is for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from ling_jax import cli
+from ling_jax.config import PRESETS, ConfigError
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_presets_and_explains_overrides(capsys):
+    text = _help(capsys, "train")
+    for name in PRESETS:
+        assert f"\n  {name} " in text, name
+    for option in ("--preset PRESET", "--workdir DIR", "--steps N", "--force"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        assert len(line.strip()) > len(option) + 5, f"{option} has no help text"
+    assert "--section.field VALUE" in text and "--model.d_model 256" in text
+    assert "``" not in text and "``" not in _help(capsys)
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_parser_accepts_abbreviations(tmp_path, capsys):
+    parsers = list(_parsers(cli.make_parser()))
+    assert len(parsers) == 5 and all(not p.allow_abbrev for p in parsers)
+    # --step is not taken as --steps: it is an unknown option, and nothing is trained
+    workdir = tmp_path / "wd"
+    assert cli.main(["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--step", "10"]) == 2
+    assert "--step" in capsys.readouterr().err and not workdir.exists()
+    with pytest.raises(ConfigError, match="--step"):
+        cli._parse_overrides(["--step", "10"])
+    with pytest.raises(SystemExit):  # --work is not --workdir
+        cli.main(["train", "--preset", "cpu-tiny", "--work", str(workdir)])
+
+
+def test_info_prints_human_units_and_the_mesh(capsys):
+    assert cli.main(["info", "--preset", "cpu-tiny", "--mesh", "data=2,fsdp=-1", "--memory"]) == 0
+    text = capsys.readouterr().out
+    assert "on mesh data=2,fsdp=4,tensor=1,expert=1 (8 devices)" in text  # conftest fakes 8 devices
+    assert "MiB" in text and "peak" in text and "parameters" in text
+    assert cli.main(["info", "--preset", "cpu-tiny", "--mesh", "data=2,fsdp=-1", "--memory", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["devices"] == 8 and isinstance(info["peak_bytes_per_device"], int)
