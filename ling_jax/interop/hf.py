@@ -229,6 +229,22 @@ def _get(tree: Mapping, path: Sequence[str]):
     return tree
 
 
+def map_tensors(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray]) -> dict:
+    """Applies ``rules`` to named tensors: ``{collection: tree}``; a shape that does not fit is an error."""
+    variables: dict = {}
+    for r in rules:
+        parts = [tensors[n] for n in r.hf]
+        try:
+            value = r.to_ling(parts)
+        except ValueError:
+            value = None
+        if value is None or [p.shape for p in parts] != [np.shape(t) for t in r.to_hf(value)]:
+            raise InteropError(f"tensor {r.hf[0]} has shape {parts[0].shape}, which does not match the config "
+                               f"(ling-jax {'/'.join(r.path)}; check config.json against the weights)")
+        _set(variables.setdefault(r.collection, {}), r.path, np.ascontiguousarray(value, np.float32))
+    return variables
+
+
 def variables_from_tensors(cfg: ModelConfig, model_type: str, tensors: Mapping[str, np.ndarray],
                            rules: Sequence[Rule] | None = None) -> dict:
     """Maps named HF tensors to ``{"params": ..., "moe_bias": ...}``, checking names and shapes."""
@@ -244,17 +260,7 @@ def variables_from_tensors(cfg: ModelConfig, model_type: str, tensors: Mapping[s
         raise InteropError(f"checkpoint has {len(unused)} tensor(s) that this {model_type} config does not use "
                            f"(an unsupported option, or a config.json that does not match the weights): "
                            f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
-    variables: dict = {}
-    for r in rules:
-        parts = [tensors[n] for n in r.hf]
-        try:
-            value = r.to_ling(parts)
-        except ValueError:
-            value = None
-        if value is None or [p.shape for p in parts] != [np.shape(t) for t in r.to_hf(value)]:
-            raise InteropError(f"tensor {r.hf[0]} has shape {parts[0].shape}, which does not match the config "
-                               f"(ling-jax {'/'.join(r.path)}; check config.json against the weights)")
-        _set(variables.setdefault(r.collection, {}), r.path, np.ascontiguousarray(value, np.float32))
+    variables = map_tensors(rules, tensors)
     _check_against_model(cfg, variables)
     return variables
 
