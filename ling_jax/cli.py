@@ -37,8 +37,20 @@ def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _workdir_config(workdir) -> Config:
+    """The config a workdir was created with (``ling-jax convert`` or an earlier train), for
+    ``ling-jax train --workdir W`` without ``--preset``."""
+    from ling_jax.config import from_dict
+
+    path = Path(workdir or ".") / "config.json"
+    if not workdir or not path.exists():
+        raise ConfigError("--preset is required unless --workdir already holds a config.json "
+                          "(e.g. one written by ling-jax convert)")
+    return from_dict(json.loads(path.read_text())["config"])
+
+
 def build_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
-    config = get_preset(args.preset)
+    config = get_preset(args.preset) if args.preset else _workdir_config(getattr(args, "workdir", None))
     overrides = _parse_overrides(extra)
     if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = str(args.steps)
@@ -134,7 +146,7 @@ def cmd_eval(args, extra) -> int:
         overrides["data.task"] = args.task
     config = apply_overrides(config, overrides)
     data = build_data(config)
-    result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric)
+    result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric, data.bytes_per_token())
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
@@ -171,12 +183,33 @@ def cmd_info(args, extra) -> int:
     return 0
 
 
+def cmd_convert(args, extra) -> int:
+    """Hugging Face directory -> workdir (ling_jax/interop/convert.py); overrides shape the later train run."""
+    from ling_jax.interop.convert import convert
+
+    config = convert(args.hf, args.workdir, _parse_overrides(extra), tokenizer=args.tokenizer)
+    m = config.model
+    print(json.dumps({"workdir": str(args.workdir), "preset": config.preset, "vocab_size": m.vocab_size,
+                      "d_model": m.d_model, "num_layers": m.num_layers, "moe_layers": list(m.moe_layers),
+                      "pruning_layers": list(m.pruning_layers), "tokenizer": config.data.tokenizer or "bytes"}))
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face model directory (config.json + *.safetensors) "
+                                       "into a workdir for eval / sweep / train")
+    p.add_argument("--hf", required=True, help="local Hugging Face model directory")
+    p.add_argument("--workdir", required=True, help="new workdir to write (config.json + step-0 checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
+    p.set_defaults(fn=cmd_convert)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ling-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (resumes from the latest checkpoint in --workdir)")
-    p.add_argument("--preset", required=True)
+    p.add_argument("--preset", help="a named preset; optional when --workdir holds a config.json (ling-jax convert)")
     p.add_argument("--workdir", required=True)
     _add_data_args(p)
     p.add_argument("--steps", type=int)
@@ -206,6 +239,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh")
     p.add_argument("--memory", action="store_true", help="compile a train step and report per-device memory")
     p.set_defaults(fn=cmd_info)
+
+    _add_convert_parser(sub)
     return parser
 
 
@@ -220,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             jax.distributed.initialize()
         return args.fn(args, extra)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:  # InteropError is a ConfigError
         print(f"ling-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -430,9 +430,12 @@ class DataConfig:
     path: str = ""  # text: a file or directory; "" = the Python standard library sources
     validation_fraction: float = 0.05
     task_options: str = ""  # synthetic task knobs, "num_pairs=4,filler_fraction=0.9"
+    tokenizer: str = ""  # text: a Hugging Face tokenizer.json (or its directory); "" = bytes (ling_jax/data/subword.py)
 
     def __post_init__(self):
         _one_of(self, "task", TASK_NAMES)
+        if self.tokenizer and self.task != "text":
+            raise ConfigError(f"DataConfig.tokenizer applies to task='text' only, got task={self.task!r}")
         _in_range(self, "validation_fraction", 0.0, 0.5, lo_open=True)
         self.task_kwargs()  # noqa: B018  (parse now so a bad string fails at construction)
 

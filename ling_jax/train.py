@@ -162,14 +162,17 @@ def make_eval_step(model: Transformer) -> Callable:
     return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metric: str) -> dict[str, float]:
+def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metric: str,
+             bytes_per_token: float = 1.0) -> dict[str, float]:
+    """Loss (nats per token), accuracy and, for text, bits per byte (``bytes_per_token``: the UTF-8
+    bytes each scored token covers, 1 for byte-level models; see ``DataSource.bytes_per_token``)."""
     nll, count, correct = 0.0, 0.0, 0.0
     for b in batches:
         out = jax.device_get(eval_step(state.params, state.extra, b.as_dict()))
         nll, count, correct = nll + float(out["nll_sum"]), count + float(out["count"]), correct + float(out["correct"])
     result = {"loss": nll / max(count, 1.0)}
     if metric == "bpb":
-        result["bpb"] = result["loss"] / LN2
+        result["bpb"] = result["loss"] / LN2 / bytes_per_token
     result["accuracy"] = correct / max(count, 1.0)
     return result
 
@@ -280,21 +283,21 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
                 record = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
                           "grad_norm": float(m["grad_norm"]), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
                 record["bpb" if data.metric == "bpb" else "accuracy"] = (
-                    float(m["ce"]) / LN2 if data.metric == "bpb" else float(m["accuracy"]))
+                    float(m["ce"]) / LN2 / data.bytes_per_token() if data.metric == "bpb" else float(m["accuracy"]))
                 record.update({k: float(v) for k, v in m.items() if k.startswith("loss_")})
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                ev = evaluate(eval_step, state, data.eval_batches(), data.metric)
+                ev = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
                 log.write(json.dumps({"step": done, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
             if done % t.checkpoint_every == 0 or done == t.steps:
                 manager.save(done, args=ocp.args.StandardSave(state))
                 manager.wait_until_finished()
             bar.update(1)
         bar.close()
-        final = evaluate(eval_step, state, data.eval_batches(), data.metric)
+        final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
         log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
     manager.close()
     return {"step": int(state.step), **final}
@@ -312,8 +315,9 @@ def load_trained(workdir: str | Path) -> tuple[Config, Transformer, TrainState]:
     model = Transformer(config.model)
     state = init_state(config, model, jax.random.key(config.train.seed))
     manager = checkpoint_manager(workdir, config)
+    if manager.latest_step() is None:  # step 0 is a checkpoint too (ling-jax convert writes one)
+        manager.close()
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     state, step = restore_latest(manager, state)
     manager.close()
-    if step == 0:
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     return config, model, state
