@@ -28,7 +28,7 @@ def converted(tmp_path_factory):
     corpus.write_text(pathlib.Path(json.__file__).read_text() * 2)
     workdir = root / "w"
     rc = main(["convert", "--hf", str(FIXTURE), "--workdir", str(workdir), "--data.path", str(corpus),
-               "--train.seq_len", "32", "--train.batch_size", "2", "--train.eval_batches", "2", "--train.steps", "2",
+               "--train.seq_len", "32", "--train.batch_size", "8", "--train.eval_batches", "1", "--train.steps", "2",
                "--train.log_every", "1", "--model.pruning.enabled", "true", "--model.pruning.budget", "16",
                "--model.pruning.window", "4"])
     assert rc == 0
