@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 
@@ -191,3 +192,26 @@ def test_live_against_transformers(tmp_path):
         want = model(torch.from_numpy(ids)).logits.numpy()
     lcfg, variables, _ = load_hf(tmp_path)
     assert_close(_logits(lcfg, variables, ids.astype(np.int32)), want, dtype=np.float32, kind="external")
+
+
+def test_config_keys_of_both_transformers_generations():
+    """v4 configs (rope_theta + rope_scaling with "type"/"rope_type", Qwen2-MoE without qkv_bias)
+    and v5 configs (rope_parameters) map to the same ModelConfig; the config survives to_dict/from_dict."""
+    from ling_jax.config import Config, TrainConfig, from_dict, to_dict
+    from ling_jax.interop.hf_config import config_from_hf
+
+    v5 = json.loads((FIXTURES / "llama31" / "config.json").read_text())
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4.update(rope_theta=500_000.0, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    assert config_from_hf(v4) == config_from_hf(v5)
+    yarn = config_from_hf({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                                  "original_max_position_embeddings": 16}})
+    want = (0.1 * math.log(4.0) + 1.0) / (0.05 * math.log(4.0) + 1.0)
+    assert yarn.rope_scaling.kind == "yarn" and yarn.rope_scaling.attention_factor == pytest.approx(want)
+    assert config_from_hf({**v4, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling.factor == 2.0
+    q = json.loads((FIXTURES / "qwen2_moe" / "config.json").read_text())
+    q.pop("qkv_bias")
+    assert config_from_hf(q).qkv_bias  # Qwen2-MoE always had q/k/v biases before the key existed
+    cfg = Config(model=config_from_hf(v5), train=TrainConfig(seq_len=32))
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
