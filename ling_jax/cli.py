@@ -195,6 +195,19 @@ def cmd_convert(args, extra) -> int:
     return 0
 
 
+def cmd_export(args, extra) -> int:
+    """Workdir -> Hugging Face directory (config.json + safetensors), e.g. after a retrofit fine-tune."""
+    from ling_jax.interop.convert import export
+
+    if extra:
+        raise ConfigError(f"ling-jax export takes no config overrides, got {list(extra)}")
+    dropped = export(args.workdir, args.hf, model_type=args.model_type)
+    if dropped:
+        print(f"left out (no place in the Hugging Face layout): {dropped}", file=sys.stderr)
+    print(json.dumps({"hf": str(args.hf), "dropped": dropped}))
+    return 0
+
+
 def _add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face model directory (config.json + *.safetensors) "
                                        "into a workdir for eval / sweep / train")
@@ -202,6 +215,12 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--workdir", required=True, help="new workdir to write (config.json + step-0 checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export", help="write a workdir's latest checkpoint as a Hugging Face directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--hf", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--model-type", help="default: the converted model's type, else llama")
+    p.set_defaults(fn=cmd_export)
 
 
 def make_parser() -> argparse.ArgumentParser:

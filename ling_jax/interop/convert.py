@@ -89,3 +89,24 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
     (workdir / SOURCE_FILE).write_text(json.dumps({"hf_dir": str(hf_dir.resolve()), "model_type": hf_cfg["model_type"],
                                                    "hf_config": hf_cfg}, indent=1))
     return config
+
+
+def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, model_type: str | None = None,
+           max_shard_bytes: int | None = None) -> list[str]:
+    """Writes a workdir's latest checkpoint as a Hugging Face directory (``save_hf``). The model type
+    and the untouched config.json keys come from the workdir's ``hf_source.json`` when it was
+    converted (else ``model_type``, default "llama"). Returns the ling-jax-only parameters that the
+    Hugging Face layout has no place for (pruning scorers, exit heads): they are left out."""
+    from ling_jax.interop.hf import rules_for, save_hf
+    from ling_jax.train import load_trained
+
+    workdir = pathlib.Path(workdir)
+    config, _, state = load_trained(workdir)
+    source = json.loads((workdir / SOURCE_FILE).read_text()) if (workdir / SOURCE_FILE).exists() else {}
+    model_type = model_type or source.get("model_type") or "llama"
+    variables = {"params": state.params, **state.extra}
+    save_hf(out, config.model, variables, model_type, base_config=source.get("hf_config"), max_shard_bytes=max_shard_bytes)
+    mapped = {(r.collection, *r.path) for r in rules_for(config.model, model_type)}
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    return sorted("/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves
+                  if tuple(getattr(k, "key", k) for k in path) not in mapped)

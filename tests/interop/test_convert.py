@@ -4,6 +4,7 @@ weights) and sweep on the workdir; bad inputs exit with a clear error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -75,3 +76,19 @@ def test_convert_bad_inputs(tmp_path, converted, capsys):
     assert "has shape" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "empty")]) == 2
     assert "--preset is required" in capsys.readouterr().err
+
+
+def test_export_after_fine_tuning_round_trips(converted, tmp_path, capsys):
+    from ling_jax.train import load_trained
+
+    assert main(["export", "--workdir", str(converted), "--hf", str(tmp_path / "hf")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["dropped"] and all("pruner" in name for name in out["dropped"])  # the scorer has no HF tensor
+    cfg, variables, _ = load_hf(tmp_path / "hf")
+    config, _, state = load_trained(converted)
+    assert cfg == dataclasses.replace(config.model, pruning=type(config.model.pruning)())
+    for path, value in jax.tree_util.tree_leaves_with_path(variables["params"]):
+        got = state.params
+        for k in path:
+            got = got[k.key]
+        np.testing.assert_array_equal(value, np.asarray(got))
