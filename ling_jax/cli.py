@@ -208,6 +208,60 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+def cmd_generate(args, extra) -> int:
+    """Greedy continuation of --prompt from a workdir's latest checkpoint (pruned KV cache with
+    --budget, adaptive depth with --exit-threshold); text through the workdir's tokenizer or bytes."""
+    import dataclasses
+
+    import numpy as np
+
+    from ling_jax.train import load_trained
+
+    if extra:
+        raise ConfigError(f"ling-jax generate takes no config overrides, got {list(extra)}")
+    config, _, state = load_trained(args.workdir)
+    m = config.model
+    if config.data.tokenizer:
+        from ling_jax.interop.tokenizer import Tokenizer
+
+        tok = Tokenizer(config.data.tokenizer)
+        encode, decode = tok.encode, tok.decode
+    else:
+        encode = lambda text: np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)  # noqa: E731
+        decode = lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    prompt = encode(args.prompt)
+    if len(prompt) == 0:
+        raise ConfigError("--prompt is empty after tokenization")
+    if len(prompt) + args.max_new_tokens > m.max_seq_len:
+        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+                          f"the model's max_seq_len ({m.max_seq_len})")
+    if args.budget is not None:
+        if not m.pruning.enabled:
+            raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
+        m = dataclasses.replace(m, pruning=dataclasses.replace(m.pruning, mode="hard", inference_rule="budget",
+                                                               budget=args.budget))
+    params = state.params
+    info: dict = {"prompt_tokens": int(len(prompt))}
+    if args.exit_threshold is not None:
+        if not m.depth.exit_enabled:
+            raise ConfigError("--exit-threshold needs a model with early exit (model.depth.exit_enabled)")
+        from ling_jax.generate_exit import generate as generate_exit
+
+        m = dataclasses.replace(m, depth=dataclasses.replace(m.depth, mode="infer", exit_threshold=args.exit_threshold))
+        out = generate_exit(m, params, prompt[None], args.max_new_tokens)
+        tokens = np.asarray(out["tokens"])[0]
+        info["mean_layers_used"] = float(np.mean(np.asarray(out["layers_used"])))
+    else:
+        from ling_jax.generate import generate
+
+        out = generate(m, params, prompt[None], max_new_tokens=args.max_new_tokens)
+        tokens = np.asarray(out.tokens)[0]
+        info["kv_cache_bytes"] = int(out.cache_bytes)
+    print(args.prompt + decode(tokens))
+    print(json.dumps({**info, "new_tokens": int(len(tokens))}), file=sys.stderr)
+    return 0
+
+
 def _add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face model directory (config.json + *.safetensors) "
                                        "into a workdir for eval / sweep / train")
@@ -215,6 +269,14 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--workdir", required=True, help="new workdir to write (config.json + step-0 checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt from a workdir's latest checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--budget", type=int, help="KV-cache slots per pruned layer (model trained with pruning)")
+    p.add_argument("--exit-threshold", type=float, help="early-exit threshold (model trained with early exit)")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", help="write a workdir's latest checkpoint as a Hugging Face directory")
     p.add_argument("--workdir", required=True)

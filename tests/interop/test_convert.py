@@ -92,3 +92,16 @@ def test_export_after_fine_tuning_round_trips(converted, tmp_path, capsys):
         for k in path:
             got = got[k.key]
         np.testing.assert_array_equal(value, np.asarray(got))
+
+
+def test_generate_from_the_converted_workdir(converted, capsys):
+    assert main(["generate", "--workdir", str(converted), "--prompt", "def f(x):", "--max-new-tokens", "6",
+                 "--budget", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f(x):")
+    info = json.loads(captured.err.strip().splitlines()[-1])
+    assert info["new_tokens"] == 6 and info["kv_cache_bytes"] > 0
+    assert main(["generate", "--workdir", str(converted), "--prompt", "x", "--exit-threshold", "0.5"]) == 2
+    assert "needs a model with early exit" in capsys.readouterr().err
+    assert main(["generate", "--workdir", str(converted), "--prompt", "x", "--max-new-tokens", "100"]) == 2
+    assert "exceeds the model's max_seq_len" in capsys.readouterr().err
