@@ -61,8 +61,25 @@ def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _workdir_config(workdir) -> Config:
+    """The config a workdir was created with (``ling-jax convert`` or an earlier train), for
+    ``ling-jax train --workdir W`` without ``--preset``."""
+    from ling_jax.config import from_dict
+
+    path = Path(workdir or ".") / "config.json"
+    if not workdir or not path.exists():
+        raise ConfigError("--preset is required unless --workdir already holds a config.json "
+                          "(e.g. one written by ling-jax convert)")
+    return from_dict(json.loads(path.read_text())["config"])
+
+
 def build_config(args: argparse.Namespace, extra: Sequence[str], base: Config | None = None) -> Config:
-    config = get_preset(args.preset) if base is None else base
+    if base is not None:
+        config = base
+    elif getattr(args, "preset", None):
+        config = get_preset(args.preset)
+    else:
+        config = _workdir_config(getattr(args, "workdir", None))
     overrides = _parse_overrides(extra)
     if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = str(args.steps)
@@ -95,10 +112,11 @@ def _train_config(args, extra) -> Config:
     recorded = recorded_config(args.workdir) if Path(args.workdir).is_dir() else None
     if recorded is None:
         return build_config(args, extra)
-    if recorded.preset and recorded.preset != args.preset:
+    if args.preset and recorded.preset and recorded.preset != args.preset:
         raise ConfigError(f"workdir {args.workdir} was trained with --preset {recorded.preset}, not {args.preset}; "
                           f"resume it with --preset {recorded.preset} or use a new --workdir")
-    return build_config(args, extra, base=dataclasses.replace(recorded, mesh=get_preset(args.preset).mesh))
+    mesh = get_preset(args.preset).mesh if args.preset else recorded.mesh
+    return build_config(args, extra, base=dataclasses.replace(recorded, mesh=mesh))
 
 
 def cmd_train(args, extra) -> int:
@@ -215,7 +233,7 @@ def cmd_eval(args, extra) -> int:
         overrides["data.task"] = args.task
     config = apply_overrides(config, overrides)
     data = build_data(config)
-    result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric)
+    result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric, data.bytes_per_token())
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
@@ -294,6 +312,108 @@ def cmd_info(args, extra) -> int:
     return 0
 
 
+def cmd_convert(args, extra) -> int:
+    """Hugging Face directory -> workdir (ling_jax/interop/convert.py); overrides shape the later train run."""
+    from ling_jax.interop.convert import convert
+
+    config = convert(args.hf, args.workdir, _parse_overrides(extra), tokenizer=args.tokenizer)
+    m = config.model
+    print(json.dumps({"workdir": str(args.workdir), "preset": config.preset, "vocab_size": m.vocab_size,
+                      "d_model": m.d_model, "num_layers": m.num_layers, "moe_layers": list(m.moe_layers),
+                      "pruning_layers": list(m.pruning_layers), "tokenizer": config.data.tokenizer or "bytes"}))
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    """Workdir -> Hugging Face directory (config.json + safetensors), e.g. after a retrofit fine-tune."""
+    from ling_jax.interop.convert import export
+
+    if extra:
+        raise ConfigError(f"ling-jax export takes no config overrides, got {list(extra)}")
+    dropped = export(args.workdir, args.hf, model_type=args.model_type)
+    if dropped:
+        print(f"left out (no place in the Hugging Face layout): {dropped}", file=sys.stderr)
+    print(json.dumps({"hf": str(args.hf), "dropped": dropped}))
+    return 0
+
+
+def cmd_generate(args, extra) -> int:
+    """Greedy continuation of --prompt from a workdir's latest checkpoint (pruned KV cache with
+    --budget, adaptive depth with --exit-threshold); text through the workdir's tokenizer or bytes."""
+    import dataclasses
+
+    import numpy as np
+
+    from ling_jax.train import load_trained
+
+    if extra:
+        raise ConfigError(f"ling-jax generate takes no config overrides, got {list(extra)}")
+    config, _, state = load_trained(args.workdir)
+    m = config.model
+    if config.data.tokenizer:
+        from ling_jax.interop.tokenizer import Tokenizer
+
+        tok = Tokenizer(config.data.tokenizer)
+        encode, decode = tok.encode, tok.decode
+    else:
+        encode = lambda text: np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)  # noqa: E731
+        decode = lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    prompt = encode(args.prompt)
+    if len(prompt) == 0:
+        raise ConfigError("--prompt is empty after tokenization")
+    if len(prompt) + args.max_new_tokens > m.max_seq_len:
+        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+                          f"the model's max_seq_len ({m.max_seq_len})")
+    if args.budget is not None:
+        if not m.pruning.enabled:
+            raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
+        m = dataclasses.replace(m, pruning=dataclasses.replace(m.pruning, mode="hard", inference_rule="budget",
+                                                               budget=args.budget))
+    params = state.params
+    info: dict = {"prompt_tokens": int(len(prompt))}
+    if args.exit_threshold is not None:
+        if not m.depth.exit_enabled:
+            raise ConfigError("--exit-threshold needs a model with early exit (model.depth.exit_enabled)")
+        from ling_jax.generate_exit import generate as generate_exit
+
+        m = dataclasses.replace(m, depth=dataclasses.replace(m.depth, mode="infer", exit_threshold=args.exit_threshold))
+        out = generate_exit(m, params, prompt[None], args.max_new_tokens)
+        tokens = np.asarray(out["tokens"])[0]
+        info["mean_layers_used"] = float(np.mean(np.asarray(out["layers_used"])))
+    else:
+        from ling_jax.generate import generate
+
+        out = generate(m, params, prompt[None], max_new_tokens=args.max_new_tokens)
+        tokens = np.asarray(out.tokens)[0]
+        info["kv_cache_bytes"] = int(out.cache_bytes)
+    print(args.prompt + decode(tokens))
+    print(json.dumps({**info, "new_tokens": int(len(tokens))}), file=sys.stderr)
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face model directory (config.json + *.safetensors) "
+                                       "into a workdir for eval / sweep / train")
+    p.add_argument("--hf", required=True, help="local Hugging Face model directory")
+    p.add_argument("--workdir", required=True, help="new workdir to write (config.json + step-0 checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt from a workdir's latest checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--budget", type=int, help="KV-cache slots per pruned layer (model trained with pruning)")
+    p.add_argument("--exit-threshold", type=float, help="early-exit threshold (model trained with early exit)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="write a workdir's latest checkpoint as a Hugging Face directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--hf", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--model-type", help="default: the converted model's type, else llama")
+    p.set_defaults(fn=cmd_export)
+
+
 def make_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: a mistyped --step must be an error, not a silent --steps
     common = dict(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,8 +427,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "enabled, sweep the pruning thresholds and budgets. A workdir that already finished is "
                        "not trained again: its results are printed (--force redoes evaluation and sweep)."),
                        epilog=_presets_help() + "\n" + OVERRIDES_HELP, **common)
-    p.add_argument("--preset", required=True, choices=list(PRESETS), metavar="PRESET",
-                   help="model, training and data settings to start from (listed below)")
+    p.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                   help="model, training and data settings to start from (listed below); optional when --workdir "
+                        "already holds a config.json (e.g. from ling-jax convert)")
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="where config.json, metrics.jsonl, checkpoints/ and pruning_sweep.json go")
     _add_data_args(p)
@@ -353,6 +474,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="compile a train step and report per-device memory")
     p.add_argument("--json", action="store_true", help="print one JSON object (sizes in bytes) instead of text")
     p.set_defaults(fn=cmd_info)
+
+    _add_convert_parser(sub)
     return parser
 
 

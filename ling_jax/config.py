@@ -194,6 +194,13 @@ class MoEConfig:
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables
+    routing_bias: bool = False  # own the selection bias even at bias_update_rate 0 (a checkpoint's correction bias)
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)
+
+    @property
+    def has_routing_bias(self) -> bool:
+        """Whether MoE layers own the per-choice selection bias (collection ``moe_bias``)."""
+        return self.routing_bias or self.bias_update_rate > 0
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "num_groups", "top_groups")
@@ -205,6 +212,8 @@ class MoEConfig:
         if not self.jitter < 1:
             raise ConfigError(f"MoEConfig.jitter must be in [0, 1), got {self.jitter!r}")
         _positive_float(self, "route_scale")
+        if self.shared_gate and not self.num_shared_experts:
+            raise ConfigError("MoEConfig.shared_gate gates the shared experts: set num_shared_experts >= 1")
         total = self.num_experts + self.num_zero_experts
         if self.top_k > total:
             raise ConfigError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts + num_zero_experts ({total})")
@@ -292,6 +301,45 @@ class DepthConfig:
 # ----------------------------------------------------------------------------- model / train / data
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScalingConfig:
+    """Rotary frequency scaling for long context (see ``ling_jax.layers.basics.rope_frequencies``).
+
+    ``kind="linear"`` divides every frequency by ``factor``; ``"llama3"`` (Llama 3.1) divides the
+    low frequencies (wavelength above ``original_max_len / low_freq_factor``) by ``factor``, keeps
+    the high ones (below ``original_max_len / high_freq_factor``) and interpolates in between;
+    ``"yarn"`` blends interpolated and original frequencies over the dimensions between the
+    ``beta_fast`` and ``beta_slow`` rotation counts and scales cos/sin by ``attention_factor``
+    (0: ``0.1 ln(factor) + 1``). Formulas as in Hugging Face transformers' rope utilities.
+    """
+
+    kind: str = "none"  # none | linear | llama3 | yarn
+    factor: float = 1.0
+    original_max_len: int = 0  # llama3 / yarn: the context length the model was pretrained at
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn: cos/sin scale; 0 = 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+    def __post_init__(self):
+        _one_of(self, "kind", ROPE_SCALINGS)
+        _non_negative(self, "original_max_len", "attention_factor")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"RopeScalingConfig.{name} must be > 0, got {value!r}")
+        if self.kind in ("llama3", "yarn") and self.original_max_len <= 0:
+            raise ConfigError(f"RopeScalingConfig.original_max_len must be a positive integer for kind={self.kind!r}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"RopeScalingConfig.high_freq_factor ({self.high_freq_factor}) must be > "
+                              f"low_freq_factor ({self.low_freq_factor}) for kind='llama3'")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
@@ -311,9 +359,14 @@ class ModelConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    # Pretrained-architecture knobs (ling_jax/interop): all off by default.
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: str = "none"  # none | head (RMSNorm per head before RoPE: Qwen3) | full (over all heads: OLMoE)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len")
+        _one_of(self, "qk_norm", ("none", "head", "full"))
         _non_negative(self, "head_dim")
         _one_of(self, "dtype", ("float32", "bfloat16", "float16"))
         _one_of(self, "remat", ("none", "block"))
@@ -397,9 +450,12 @@ class DataConfig:
     path: str = ""  # text: a file or directory; "" = the Python standard library sources
     validation_fraction: float = 0.05
     task_options: str = ""  # synthetic task knobs, "num_pairs=4,filler_fraction=0.9"
+    tokenizer: str = ""  # text: a Hugging Face tokenizer.json (or its directory); "" = bytes (ling_jax/data/subword.py)
 
     def __post_init__(self):
         _one_of(self, "task", TASK_NAMES)
+        if self.tokenizer and self.task != "text":
+            raise ConfigError(f"DataConfig.tokenizer applies to task='text' only, got task={self.task!r}")
         _in_range(self, "validation_fraction", 0.0, 0.5, lo_open=True)
         self.task_kwargs()  # noqa: B018  (parse now so a bad string fails at construction)
 
@@ -679,8 +735,18 @@ def model_signature(model: ModelConfig) -> dict:
     d = dataclasses.asdict(model)
     return {k: d[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                               "head_dim", "mlp_dim", "tie_embeddings")} | {
-        "moe": d["moe"] if model.moe.enabled else None,
+        "moe": {k: v for k, v in d["moe"].items() if k not in ("routing_bias", "shared_gate")}
+        if model.moe.enabled else None,
         "pruning_scorer": (model.pruning.scorer, model.pruning.scorer_rank) if model.pruning.enabled else None,
         "depth": (model.mod_layers, model.exit_layers, model.depth.predictor_dim)
         if model.depth.mod_enabled or model.depth.exit_enabled else None,
-    }
+    } | _pretrained_signature(model)
+
+
+def _pretrained_signature(model: ModelConfig) -> dict:
+    """Parameter-tree knobs of imported architectures, listed only when on (older workdirs still match)."""
+    out = {name: getattr(model, name) for name, off in (("qkv_bias", False), ("qk_norm", "none"))
+           if getattr(model, name) != off}
+    if model.moe.enabled:
+        out |= {f"moe.{name}": True for name in ("routing_bias", "shared_gate") if getattr(model.moe, name)}
+    return out

@@ -57,6 +57,32 @@ class DataSource:
     metric: str  # "bpb" for text, "accuracy" for tasks
     train_batch: Callable[[int], Batch]  # step -> batch
     eval_batches: Callable[[], list[Batch]]
+    # text: UTF-8 bytes per scored evaluation token (1 for bytes; subword: exact over the eval batches),
+    # so bpb = nats per token / ln 2 / bytes_per_token for byte-level and subword models alike
+    bytes_per_token: Callable[[], float] = lambda: 1.0
+
+
+def _subword_source(config: Config, train_bytes, valid_bytes, host_index: int, host_count: int) -> DataSource:
+    """Text through a tokenizer.json (``data.tokenizer``): see :mod:`ling_jax.data.subword`."""
+    from ling_jax.data.subword import subword_batch, subword_eval
+    from ling_jax.interop.tokenizer import Tokenizer
+
+    train = config.train
+    tokenizer = Tokenizer(config.data.tokenizer)
+    tokenizer.check_vocab(config.model.vocab_size)
+    cache: dict = {}
+
+    def evals() -> tuple[list[Batch], float]:
+        if "eval" not in cache:
+            cache["eval"] = subword_eval(valid_bytes, tokenizer, batch_size=train.batch_size, seq_len=train.seq_len,
+                                         num_batches=train.eval_batches)
+        return cache["eval"]
+
+    def train_batch(step: int) -> Batch:
+        return subword_batch(train_bytes, tokenizer, seed=train.seed, step=step, batch_size=train.batch_size,
+                             seq_len=train.seq_len, host_index=host_index, host_count=host_count)
+
+    return DataSource("bpb", train_batch, lambda: evals()[0], lambda: evals()[1])
 
 
 def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> DataSource:
@@ -76,6 +102,11 @@ def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> D
                 f"TrainConfig.eval_batches={train.eval_batches} x batch_size={train.batch_size} x (seq_len + 1) "
                 f"needs {need}: lower --train.eval_batches or use more data"
             )
+        if data.tokenizer:
+            return _subword_source(config, train_bytes, valid_bytes, host_index, host_count)
+        if config.model.vocab_size < 256:
+            raise ConfigError(f"byte-level text needs ModelConfig.vocab_size >= 256, got {config.model.vocab_size}; "
+                              "a subword model reads text through its tokenizer: set data.tokenizer")
 
         def train_batch(step: int) -> Batch:
             return text_batch(train_bytes, seed=train.seed, step=step, batch_size=train.batch_size,

@@ -18,7 +18,9 @@ _TOLERANCES = {
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
     jnp.dtype(jnp.float16): dict(rtol=5e-3, atol=5e-3),
 }
-_KIND_FACTOR = {"forward": 1.0, "grad": 5.0}
+# "external": against an independent implementation (e.g. Hugging Face transformers in torch), whose
+# different operation order adds rounding: 5x the forward tolerance (1e-4 in float32).
+_KIND_FACTOR = {"forward": 1.0, "grad": 5.0, "external": 5.0}
 
 
 def tolerances(dtype, kind: str = "forward") -> dict[str, float]:

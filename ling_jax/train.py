@@ -174,14 +174,17 @@ def make_eval_step(model: Transformer) -> Callable:
     return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metric: str) -> dict[str, float]:
+def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metric: str,
+             bytes_per_token: float = 1.0) -> dict[str, float]:
+    """Loss (nats per token), accuracy and, for text, bits per byte (``bytes_per_token``: the UTF-8
+    bytes each scored token covers, 1 for byte-level models; see ``DataSource.bytes_per_token``)."""
     nll, count, correct = 0.0, 0.0, 0.0
     for b in batches:
         out = jax.device_get(eval_step(state.params, state.extra, b.as_dict()))
         nll, count, correct = nll + float(out["nll_sum"]), count + float(out["count"]), correct + float(out["correct"])
     result = {"loss": nll / max(count, 1.0)}
     if metric == "bpb":
-        result["bpb"] = result["loss"] / LN2
+        result["bpb"] = result["loss"] / LN2 / bytes_per_token
     result["accuracy"] = correct / max(count, 1.0)
     return result
 
@@ -370,14 +373,14 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
                     record = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
                               "grad_norm": float(m["grad_norm"]), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
                     record["bpb" if data.metric == "bpb" else "accuracy"] = (
-                        float(m["ce"]) / LN2 if data.metric == "bpb" else float(m["accuracy"]))
+                        float(m["ce"]) / LN2 / data.bytes_per_token() if data.metric == "bpb" else float(m["accuracy"]))
                     record.update({k: float(v) for k, v in m.items() if k.startswith("loss_")})
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
                 if is_eval:
-                    ev = evaluate(eval_step, state, data.eval_batches(), data.metric)
+                    ev = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
                     log.write(json.dumps({"step": done, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
                     log.flush()
                 if is_save:
@@ -389,7 +392,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
             reason = stop_requested(int(state.step))
             if reason:
                 raise Preempted(int(state.step), reason)
-            final = evaluate(eval_step, state, data.eval_batches(), data.metric)
+            final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
             log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
     finally:
         bar.close()
@@ -415,9 +418,9 @@ def load_trained(workdir: str | Path, *, log_fn: Optional[Callable[[str], None]]
     state = abstract_state(config, model)
     manager = checkpoint_manager(workdir, config, read_only=True)
     try:
+        if manager.latest_step() is None:  # step 0 is a checkpoint too (ling-jax convert writes one)
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
         state, step = restore_latest(manager, state, log_fn=log_fn)
     finally:
         manager.close()
-    if step == 0:
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     return config, model, state

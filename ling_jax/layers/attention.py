@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers import kv_cache
-from ling_jax.layers.basics import RMSNorm, apply_rope, compute_dtype, dense_init, param_with_axes
+from ling_jax.layers.basics import apply_rope, compute_dtype, dense_init, param_with_axes
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 _NEG_INF = -1e30
@@ -183,6 +183,24 @@ def attend(
     return fn(q, k, v, dense_mask, bias)
 
 
+class QKNorm(nn.Module):
+    """RMSNorm of queries or keys ``[B, T, H, D]``: over ``D`` with a ``[D]`` scale (``full=False``,
+    Qwen3), or over all heads ``H * D`` with a ``[H, D]`` scale (``full=True``, OLMoE)."""
+
+    eps: float = 1e-6
+    full: bool = False
+    heads_axis: str = "heads"  # logical name of H: "heads" (queries) or "kv_heads" (keys)
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T H D"]) -> Float[Array, "B T H D"]:
+        axes = (-2, -1) if self.full else (-1,)
+        shape, names = (x.shape[-2:], (self.heads_axis, "head_dim")) if self.full else (x.shape[-1:], ("head_dim",))
+        scale = param_with_axes(self, "scale", nn.initializers.ones, shape, names)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+        return (normed * scale).astype(x.dtype)
+
+
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings. Records query/key work for the ledger.
 
@@ -202,19 +220,35 @@ class Attention(nn.Module):
         self.wk = param_with_axes(self, "wk", dense_init(e), (e, hkv, d), ("embed", "kv_heads", "head_dim"))
         self.wv = param_with_axes(self, "wv", dense_init(e), (e, hkv, d), ("embed", "kv_heads", "head_dim"))
         self.wo = param_with_axes(self, "wo", dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:  # Qwen2
+            zeros = nn.initializers.zeros
+            self.bq = param_with_axes(self, "bq", zeros, (h, d), ("heads", "head_dim"))
+            self.bk = param_with_axes(self, "bk", zeros, (hkv, d), ("kv_heads", "head_dim"))
+            self.bv = param_with_axes(self, "bv", zeros, (hkv, d), ("kv_heads", "head_dim"))
+        if cfg.qk_norm != "none":  # Qwen3: one scale per head_dim; OLMoE: over the whole projection
+            self.q_norm = QKNorm(cfg.norm_eps, full=cfg.qk_norm == "full", name="q_norm")
+            self.k_norm = QKNorm(cfg.norm_eps, full=cfg.qk_norm == "full", heads_axis="kv_heads", name="k_norm")
+
+    def _project(self, x, w, bias_name: str, norm_name: str):
+        """x @ w (+ bias) (-> RMSNorm): the q or k/v projection before RoPE."""
+        dtype = compute_dtype(self.config)
+        y = jnp.einsum("bte,ehd->bthd", x.astype(dtype), w.astype(dtype))  # [B, T, H(kv), D]
+        if self.config.qkv_bias:
+            y = y + getattr(self, bias_name).astype(dtype)
+        if norm_name and self.config.qk_norm != "none":
+            y = getattr(self, norm_name)(y)
+        return y
+
+    def _rope(self, x, positions):
+        return apply_rope(x, positions, self.config.rope_base, self.config.rope_scaling)
 
     def _query(self, x: Float[Array, "B T E"], positions: Int[Array, "B T"]) -> Float[Array, "B T H D"]:
-        dtype = compute_dtype(self.config)
-        q = jnp.einsum("bte,ehd->bthd", x.astype(dtype), self.wq.astype(dtype))  # [B, T, H, D]
-        q = apply_rope(q, positions, self.config.rope_base)
+        q = self._rope(self._project(x, self.wq, "bq", "q_norm"), positions)  # [B, T, H, D]
         return nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
     def _key_value(self, x: Float[Array, "B T E"], positions: Int[Array, "B T"]) -> tuple[Array, Array]:
-        dtype = compute_dtype(self.config)
-        x = x.astype(dtype)
-        k = jnp.einsum("bte,ehd->bthd", x, self.wk.astype(dtype))  # [B, T, Hkv, D]
-        v = jnp.einsum("bte,ehd->bthd", x, self.wv.astype(dtype))
-        k = apply_rope(k, positions, self.config.rope_base)
+        k = self._rope(self._project(x, self.wk, "bk", "k_norm"), positions)  # [B, T, Hkv, D]
+        v = self._project(x, self.wv, "bv", "")
         return nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim")), v
 
     def _output(self, out: Float[Array, "B T H D"]) -> Float[Array, "B T E"]:

@@ -18,7 +18,12 @@ Recorded through ``sow("intermediates", ...)``:
   ``moe_router_entropy``, ``moe_zero_share`` (fraction of choices that went to zero experts).
 
 Aux-loss-free balancing: with ``bias_update_rate > 0`` the layer owns a per-choice bias in the
-``moe_bias`` collection; :func:`update_router_bias` moves it after each train step.
+``moe_bias`` collection; :func:`update_router_bias` moves it after each train step. With
+``routing_bias=True`` the layer owns the bias at any rate (a checkpoint's correction bias,
+DeepSeek-V3's ``e_score_correction_bias``, applied at rate 0 and never moved).
+
+Shared-expert gate (``shared_gate``, Qwen2-MoE): the shared experts' output is multiplied per
+token by ``sigmoid(x . w_shared_gate)``.
 
 Jitter: with ``jitter > 0`` the router input is multiplied by ``U(1 - jitter, 1 + jitter)`` noise
 drawn from the ``"jitter"`` rng when the caller provides one (``apply(..., rngs={"jitter": key})``,
@@ -65,7 +70,7 @@ class MoE(nn.Module):
         w_up = param_with_axes(self, "w_up", dense_init(e), (num_x, e, f), ("expert", "embed", "mlp"))
         w_down = param_with_axes(self, "w_down", dense_init(f), (num_x, f, e), ("expert", "mlp", "embed"))
         bias = None
-        if m.bias_update_rate > 0:
+        if m.has_routing_bias:  # aux-loss-free balancing, or a checkpoint's correction bias (rate 0)
             bias = self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (num_c,), jnp.float32).value
 
         xf = x.reshape(n, e)  # [N, E]
@@ -89,6 +94,10 @@ class MoE(nn.Module):
         out = y.astype(dtype).reshape(b, t, e)
         if m.num_shared_experts:
             shared = MLP(cfg, hidden_dim=m.num_shared_experts * f, name="shared")(x)  # [B, T, E]
+            if m.shared_gate:  # Qwen2-MoE: a per-token sigmoid gate on the shared experts' output
+                w_sg = param_with_axes(self, "shared_gate", dense_init(e), (e,), ("embed",))
+                gate = jax.nn.sigmoid(jnp.einsum("bte,e->bt", x.astype(jnp.float32), jnp.asarray(w_sg, jnp.float32)))
+                shared = shared * gate[..., None].astype(shared.dtype)  # [B, T, E]
             out = out + shared.astype(dtype)
             self.sow("intermediates", "shared_evals", jnp.float32(n * m.num_shared_experts))
 
@@ -98,7 +107,7 @@ class MoE(nn.Module):
     def _routed(self, xc, r, active, cap, weights, bt):
         """Weighted outputs of the active real-expert assignments: [N, E] float32."""
         m = self.config.moe
-        w_gate, w_up, w_down = (w.astype(xc.dtype) for w in weights)
+        w_gate, w_up, w_down = (jnp.asarray(w, xc.dtype) for w in weights)  # jnp: numpy params stay traceable
         from ling_jax.layers.moe_parallel import expert_mesh, expert_parallel_ffn
 
         if expert_mesh() is not None:  # expert-parallel: inactive assignments get id -1 (no expert)
