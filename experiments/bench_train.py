@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 from ling_jax.config import apply_overrides, get_preset
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, forward_with_stats
-from ling_jax.train import init_state, make_train_step
+from ling_jax.train import cross_entropy, init_state, make_train_step
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -107,7 +107,14 @@ def main(argv=None) -> dict:
         from ling_jax.pipeline import build_data
 
         data = build_data(config)
-        result.update(profile_parts(config, state.params, step, (state, batch), data.train_batch,
+
+        def loss(params, batch):  # the model's cross-entropy (no aux losses: the profile is for dense presets)
+            logits, _ = model.apply({"params": params, **state.extra}, batch["inputs"], mutable=["intermediates"])
+            return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+        whole = {"forward": (jax.jit(loss), (state.params, batch)),
+                 "forward_backward": (jax.jit(jax.value_and_grad(loss)), (state.params, batch))}
+        result.update(profile_parts(config, state.params, step, (state, batch), data.train_batch, whole=whole,
                                     repeats=args.profile_repeats, train_flops=train_flops,
                                     matmul_size=args.matmul_size))
     result.update({

@@ -129,12 +129,14 @@ def _optimizer_part(config: Config, params) -> tuple[Callable, tuple, float]:
 
 
 def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, data_fn: Callable[[int], object],
-                  *, repeats: int, train_flops: float, matmul_size: int = 2048) -> dict:
+                  *, repeats: int, train_flops: float, matmul_size: int = 2048, whole: dict | None = None) -> dict:
     """Times the step, its parts and a large float32 matmul round-robin; returns a flat dict.
 
     Every program is timed by wall clock and by this process's CPU time (``time.process_time``):
     on a machine shared with other jobs the CPU time of a program is far steadier than its wall
     time, so shares and FLOP rates come from CPU time (min over repeats); wall figures are kept.
+    ``whole``: more named (jitted fn, args) programs to time beside the step (the model's forward
+    and forward + backward), so the glue between the parts shows as a residual.
     """
     key = jax.random.key(0)
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -142,12 +144,12 @@ def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, d
              "optimizer": _optimizer_part(config, params)}
     a = jax.random.normal(k4, (2, matmul_size, matmul_size), jnp.float32)
     parts["peak_matmul"] = (lambda a: a[0] @ a[1], (a,), 2.0 * matmul_size**3)
-    jitted = {"step": (step_fn, step_args)}
+    jitted = {"step": (step_fn, step_args), **(whole or {})}
     for name, (fn, args, _) in parts.items():
         jitted[name] = (jax.jit(fn), args)
     out: dict = {"profile_repeats": repeats}
     for name, (fn, args) in jitted.items():
-        if name != "step":  # the step's cost analysis counts a scanned layer body once: not comparable
+        if name not in ("step", *(whole or {})):  # the step's cost analysis counts a scanned layer body once: not comparable
             analysis = fn.lower(*args).compile().cost_analysis()
             analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
             if analysis:
@@ -179,4 +181,7 @@ def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, d
     non_matmul = c["attention_softmax"] + c["norms"] + c["rope"] + c["embed_and_loss"] + c["optimizer"]
     out["profile_non_matmul_share_of_step"] = non_matmul / c["step"]
     out["profile_matmul_share_of_step"] = matmul_cpu / c["step"]
+    parts_cpu = (c["matmuls"] + c["attention_core"] + c["norms"] + c["rope"] + c["embed_and_loss"]
+                 + c["optimizer"])
+    out["profile_unattributed_share_of_step"] = 1.0 - parts_cpu / c["step"]
     return out
