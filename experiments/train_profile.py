@@ -149,12 +149,11 @@ def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, d
         jitted[name] = (jax.jit(fn), args)
     out: dict = {"profile_repeats": repeats}
     for name, (fn, args) in jitted.items():
-        if name not in ("step", *(whole or {})):  # the step's cost analysis counts a scanned layer body once: not comparable
-            analysis = fn.lower(*args).compile().cost_analysis()
-            analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-            if analysis:
-                out[f"profile_{name}_xla_flops"] = float(analysis.get("flops", 0.0))
-                out[f"profile_{name}_xla_bytes"] = float(analysis.get("bytes accessed", 0.0))
+        analysis = fn.lower(*args).compile().cost_analysis()  # XLA's count of FLOPs and bytes
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        if analysis:
+            out[f"profile_{name}_xla_flops"] = float(analysis.get("flops", 0.0))
+            out[f"profile_{name}_xla_bytes"] = float(analysis.get("bytes accessed", 0.0))
         jax.block_until_ready(fn(*args))  # warm-up
     wall: dict[str, list[float]] = {name: [] for name in [*jitted, "data"]}
     cpu: dict[str, list[float]] = {name: [] for name in [*jitted, "data"]}
