@@ -227,6 +227,10 @@ def main(argv=None) -> dict:
     result["best_fraction_of_peak"] = min(best_peak.values())
     result["seconds"] = time.perf_counter() - start
     result["load_average_1min_end"] = os.getloadavg()[0]
+    import subprocess
+
+    result["command"] = "python experiments/bench_moe.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["git_revision"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as fh:
