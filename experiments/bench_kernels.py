@@ -45,6 +45,13 @@ def _add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-block-q", type=int, default=128)
     g.add_argument("--attn-block-k", type=int, default=128)
     g.add_argument("--attn-iters", type=int, default=20)
+    g.add_argument("--attn-sweep-seqs", type=int, nargs="*", default=[],
+                   help="also sweep these sequence lengths (keys attn_T{T}_{bq}x{bk}_...)")
+    g.add_argument("--attn-sweep-tokens", type=int, default=32768, help="sweep batch = max(1, tokens // T)")
+    g.add_argument("--attn-sweep-blocks", nargs="*", default=["128x128"],
+                   help="block sizes of the sweep: QxK, or 'rule' (the TPU rule, pallas_kernels/tpu_tiling.py)")
+    g.add_argument("--attn-sweep-sparsities", type=float, nargs="*", default=[0.5, 0.75, 0.9, 0.95])
+    g.add_argument("--attn-sweep-iters", type=int, default=10)
 
 
 def _time_ms(fn, *args, iters: int) -> float:
@@ -88,9 +95,12 @@ def _attn_numerics(impls, interpret) -> dict:
     return out
 
 
-def _attn_timing(args, kernel: str) -> dict:
-    b, t, h, hkv, d = args.attn_batch, args.attn_seq, args.attn_heads, args.attn_kv_heads, args.attn_head_dim
-    bq, bk = args.attn_block_q, args.attn_block_k
+def _attn_timing(args, kernel: str, *, b=None, t=None, bq=None, bk=None, sparsities=SPARSITIES, iters=None,
+                 prefix: str = "attn_", compare_dpa: bool = True) -> dict:
+    b, t = b or args.attn_batch, t or args.attn_seq
+    h, hkv, d = args.attn_heads, args.attn_kv_heads, args.attn_head_dim
+    bq, bk = bq or args.attn_block_q, bk or args.attn_block_k
+    iters = iters or args.attn_iters
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.normal(size=(b, t, hkv, d)), jnp.bfloat16) for _ in range(2))
@@ -101,39 +111,46 @@ def _attn_timing(args, kernel: str) -> dict:
         block_sparse_attention(q, k, v, q_mask=qm, kv_mask=km, **kw).astype(jnp.float32))
     fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-    out = {"attn_shape": f"B{b} T{t} H{h} Hkv{hkv} D{d} bq{bq} bk{bk} bf16"}
+    out = {f"{prefix}shape": f"B{b} T{t} H{h} Hkv{hkv} D{d} bq{bq} bk{bk} bf16"}
     dense_mask = jnp.ones((b, t), bool)
-    dense_fwd = _time_ms(fwd, q, k, v, q_mask, dense_mask, iters=args.attn_iters)
-    dense_fb = _time_ms(fwd_bwd, q, k, v, q_mask, dense_mask, iters=args.attn_iters)
-    out.update(attn_fwd_ms_dense=dense_fwd, attn_fwdbwd_ms_dense=dense_fb)
+    dense_fwd = _time_ms(fwd, q, k, v, q_mask, dense_mask, iters=iters)
+    dense_fb = _time_ms(fwd_bwd, q, k, v, q_mask, dense_mask, iters=iters)
+    out.update({f"{prefix}fwd_ms_dense": dense_fwd, f"{prefix}fwdbwd_ms_dense": dense_fb})
     nk = -(-t // bk)
-    for s in SPARSITIES:
+    for s in sparsities:
         tag = f"s{round(s * 100)}"
-        keep_blocks = np.zeros((b, nk), bool)  # drop exactly round(s * nk) key blocks per row
+        keep_blocks = np.zeros((b, nk), bool)  # drop exactly round(s * nk) key blocks per row (keep >= 1)
         for row in keep_blocks:
-            row[rng.permutation(nk)[: nk - round(s * nk)]] = True
+            row[rng.permutation(nk)[: max(nk - round(s * nk), 1)]] = True
         kv_mask = jnp.asarray(np.repeat(keep_blocks, bk, axis=1)[:, :t])
         visited = float(count_visited_blocks(q_mask, kv_mask, causal=False, block_q=bq, block_k=bk).mean())
         actual_s = 1.0 - visited / (-(-t // bq) * nk)
-        t_fwd = _time_ms(fwd, q, k, v, q_mask, kv_mask, iters=args.attn_iters)
-        t_fb = _time_ms(fwd_bwd, q, k, v, q_mask, kv_mask, iters=args.attn_iters)
+        t_fwd = _time_ms(fwd, q, k, v, q_mask, kv_mask, iters=iters)
+        t_fb = _time_ms(fwd_bwd, q, k, v, q_mask, kv_mask, iters=iters)
         ideal = 1.0 / (1.0 - actual_s)
         out.update({
-            f"attn_block_sparsity_{tag}": actual_s,
-            f"attn_fwd_ms_{tag}": t_fwd,
-            f"attn_fwdbwd_ms_{tag}": t_fb,
-            f"attn_fraction_of_ideal_{tag}": (dense_fwd / t_fwd) / ideal,
-            f"attn_fwdbwd_fraction_of_ideal_{tag}": (dense_fb / t_fb) / ideal,
+            f"{prefix}block_sparsity_{tag}": actual_s,
+            f"{prefix}fwd_ms_{tag}": t_fwd,
+            f"{prefix}fwdbwd_ms_{tag}": t_fb,
+            f"{prefix}fraction_of_ideal_{tag}": (dense_fwd / t_fwd) / ideal,
+            f"{prefix}fwdbwd_fraction_of_ideal_{tag}": (dense_fb / t_fb) / ideal,
         })
-    dpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
-    try:
-        t_dpa = _time_ms(dpa, q, k, v, iters=args.attn_iters)
-    except Exception as e:  # e.g. cuDNN missing: fall back to XLA
-        out["attn_jax_dpa_note"] = f"default implementation failed ({type(e).__name__}); used xla"
-        dpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
-        t_dpa = _time_ms(dpa, q, k, v, iters=args.attn_iters)
-    out["attn_fwd_ms_jax_dpa"] = t_dpa
-    out["attn_dense_speed_vs_jax_dpa"] = t_dpa / dense_fwd  # > 1: our dense kernel is faster
+    if not compare_dpa:
+        return out
+    for name, impl in (("jax_dpa", None), ("cudnn", "cudnn")):  # default implementation, then cuDNN
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            continue
+        dpa = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+        try:
+            t_dpa = _time_ms(dpa, q, k, v, iters=iters)
+        except Exception as e:  # e.g. cuDNN missing or shape unsupported
+            out[f"{prefix}{name}_note"] = f"{impl or 'default'} failed: {type(e).__name__}: {str(e)[:200]}"
+            if impl == "cudnn":
+                continue
+            dpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+            t_dpa = _time_ms(dpa, q, k, v, iters=iters)
+        out[f"{prefix}fwd_ms_{name}"] = t_dpa
+        out[f"{prefix}dense_speed_vs_{name}"] = t_dpa / dense_fwd  # > 1: our dense kernel is faster
     return out
 
 
@@ -148,6 +165,46 @@ def bench_attention(args) -> dict:
     out["attn_mode"] = f"compiled {kernel}"
     out.update(_attn_numerics((kernel, "xla"), interpret=False))
     out.update(_attn_timing(args, kernel))
+    out.update(_attn_sweep(args, kernel))
+    return out
+
+
+def _parse_blocks(spec: str, b: int, t: int, d: int) -> tuple[int, int]:
+    if spec == "rule":
+        from pallas_kernels.tpu_tiling import attention_blocks
+
+        return attention_blocks(b, t, t, d, jnp.bfloat16)
+    bq, bk = (int(x) for x in spec.lower().split("x"))
+    return bq, bk
+
+
+def _attn_sweep(args, kernel: str) -> dict:
+    """Sequence length x block sparsity x block sizes; per (T, sparsity) the best blocks' figure."""
+    out: dict = {}
+    for t in args.attn_sweep_seqs:
+        b = max(1, args.attn_sweep_tokens // t)
+        best: dict[str, float] = {}
+        for spec in args.attn_sweep_blocks:
+            bq, bk = _parse_blocks(spec, b, t, args.attn_head_dim)
+            prefix = f"attn_T{t}_{bq}x{bk}_"
+            try:
+                res = _attn_timing(args, kernel, b=b, t=t, bq=bq, bk=bk, sparsities=args.attn_sweep_sparsities,
+                                   iters=args.attn_sweep_iters, prefix=prefix, compare_dpa=spec == args.attn_sweep_blocks[0])
+            except Exception as e:  # one failing block size must not lose the others
+                out[prefix + "error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            out.update(res)
+            for s in args.attn_sweep_sparsities:
+                tag = f"s{round(s * 100)}"
+                val = res[f"{prefix}fraction_of_ideal_{tag}"]
+                if val > best.get(tag, -1.0):
+                    best[tag] = val
+                    out[f"attn_T{t}_best_blocks_{tag}"] = f"{bq}x{bk}"
+        for tag, val in best.items():
+            out[f"attn_T{t}_best_fraction_of_ideal_{tag}"] = val
+    s90 = [v for k, v in out.items() if k.endswith("best_fraction_of_ideal_s90") and int(k.split("_")[1][1:]) >= 8192]
+    if s90:
+        out["attn_min_fraction_of_ideal_s90_T8192plus"] = min(s90)  # acceptance: >= 0.8
     return out
 
 
@@ -160,6 +217,8 @@ def _add_gmm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gmm-groups", type=int, default=16, help="experts")
     g.add_argument("--gmm-tiling", default=None, help="tm,tk,tn (default: the kernel's own)")
     g.add_argument("--gmm-iters", type=int, default=20)
+    g.add_argument("--gmm-sweep-tilings", nargs="*", default=[],
+                   help="also time these tilings: tm,tk,tn or 'rule' (keys gmm_{tiling}_...)")
     g.add_argument("--gmm-time-on-cpu", action="store_true",
                    help="on CPU also time impl='xla' (the tiled XLA loop) vs ragged_dot and dense")
 
@@ -216,7 +275,12 @@ def _gmm_timing(args, impl: str, kernel_backend) -> dict:
     from pallas_kernels.grouped_matmul import gmm
 
     m, k, n, groups = args.gmm_m, args.gmm_k, args.gmm_n, args.gmm_groups
-    tiling = tuple(int(t) for t in args.gmm_tiling.split(",")) if args.gmm_tiling else None
+    if args.gmm_tiling == "rule":
+        from pallas_kernels.tpu_tiling import gmm_tiling
+
+        tiling = gmm_tiling(m, k, n, groups, jnp.bfloat16)
+    else:
+        tiling = tuple(int(t) for t in args.gmm_tiling.split(",")) if args.gmm_tiling else None
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     rhs = jnp.asarray(rng.normal(size=(groups, k, n)), jnp.bfloat16)
@@ -254,11 +318,22 @@ def bench_gmm(args) -> dict:
     out["gmm_mode"] = f"compiled pallas_{kernel}"
     out.update(_gmm_numerics((("pallas", kernel), ("xla", None)), interpret=False))
     out.update(_gmm_timing(args, "pallas", kernel))
+    for spec in args.gmm_sweep_tilings:
+        tag = spec.replace(",", "x")
+        try:
+            res = _gmm_timing(argparse.Namespace(**{**vars(args), "gmm_tiling": spec}), "pallas", kernel)
+        except Exception as e:  # a tiling the kernel cannot take must not lose the others
+            out[f"gmm_{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        out.update({f"gmm_{tag}_{key[4:]}": val for key, val in res.items()})
+    fractions = [v for key, v in out.items() if key.endswith("fraction_of_dense") and "fwdbwd" not in key]
+    out["gmm_best_fraction_of_dense"] = max(fractions)  # acceptance (GPU): >= 0.6
     return out
 
 
 # ----------------------------------------------------------------------------- main
-HEADLINE_KEYS = ("attn_fraction_of_ideal_s75", "attn_max_abs_err_fwd")
+HEADLINE_KEYS = ("attn_min_fraction_of_ideal_s90_T8192plus", "gmm_best_fraction_of_dense",
+                 "attn_fraction_of_ideal_s75", "attn_max_abs_err_fwd")
 
 
 def main(argv=None) -> dict:
@@ -266,14 +341,30 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="write the flat results object here")
     p.add_argument("--sections", nargs="+", choices=("attention", "gmm"), default=["attention", "gmm"],
                    help="which kernels to check and time")
+    p.add_argument("--tpu", action="store_true",
+                   help="TPU host: require a TPU backend; sweep T 4096..32768 x sparsity 50..95%% with the TPU "
+                        "rule's blocks and fixed 128 blocks, and the grouped matmul with the rule's and 128 tiles")
     _add_attention_args(p)
     _add_gmm_args(p)
     args = p.parse_args(argv)
+    if args.tpu:
+        if jax.default_backend() != "tpu":
+            p.error(f"--tpu needs a TPU backend, found {jax.default_backend()!r} (devices: {jax.devices()})")
+        args.attn_sweep_seqs = args.attn_sweep_seqs or [4096, 8192, 16384, 32768]
+        args.attn_sweep_blocks = ["rule", "128x128"]
+        args.gmm_sweep_tilings = args.gmm_sweep_tilings or ["rule", "128,128,128", "512,512,512"]
+    wall_start = time.perf_counter()
     results: dict = {}
     if "attention" in args.sections:
         results.update(bench_attention(args))
     if "gmm" in args.sections:
         results.update(bench_gmm(args))
+    import subprocess
+
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    results.update(command="python experiments/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   git_revision=rev, jax_version=jax.__version__, devices=str(jax.devices()),
+                   wall_s=time.perf_counter() - wall_start)
     for key, val in results.items():
         print(f"{key}: {val:.6g}" if isinstance(val, float) else f"{key}: {val}")
     if args.json:

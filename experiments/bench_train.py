@@ -4,12 +4,22 @@ Both are measured in the same run, so the ratio is meaningful on a shared machin
 absolute times are noise. Model FLOPs = 3 x the ledger's forward FLOPs (forward + backward).
 
     python experiments/bench_train.py --preset cpu-small --json experiments/results/bench_train.json
+
+``--profile`` adds a breakdown of the step (``experiments/train_profile.py``): the projection
+matmuls, attention core and its softmax, norms, rotary embeddings, embedding + loss, optimizer
+update and host data time, each as a jitted program timed side by side with the step:
+
+    python experiments/bench_train.py --preset cpu-small --profile --json experiments/results/bench_train_profile_cpu_small.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make `experiments` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from ling_jax.config import apply_overrides, get_preset
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, forward_with_stats
-from ling_jax.train import init_state, make_train_step
+from ling_jax.train import cross_entropy, init_state, make_train_step
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -32,6 +45,13 @@ def _time(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def matmul_flops_per_sec(n: int, repeats: int) -> float:
@@ -47,8 +67,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed train steps")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true", help="add the per-part breakdown of the step")
+    parser.add_argument("--profile-repeats", type=int, default=7)
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
+    wall_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
 
     config = apply_overrides(get_preset(args.preset), args.overrides)
     t = config.train
@@ -78,8 +102,33 @@ def main(argv=None) -> dict:
         "matmul_flops_per_sec": peak,
         "fraction_of_matmul_peak": achieved / peak,
     }
+    if args.profile:
+        from experiments.train_profile import profile_parts
+        from ling_jax.pipeline import build_data
+
+        data = build_data(config)
+
+        def loss(params, batch):  # the model's cross-entropy (no aux losses: the profile is for dense presets)
+            logits, _ = model.apply({"params": params, **state.extra}, batch["inputs"], mutable=["intermediates"])
+            return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+        whole = {"forward": (jax.jit(loss), (state.params, batch)),
+                 "forward_backward": (jax.jit(jax.value_and_grad(loss)), (state.params, batch))}
+        result.update(profile_parts(config, state.params, step, (state, batch), data.train_batch, whole=whole,
+                                    repeats=args.profile_repeats, train_flops=train_flops,
+                                    matmul_size=args.matmul_size))
+    result.update({
+        "command": "python " + " ".join(shlex.quote(a) for a in ["experiments/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "git_revision": _git_revision(),
+        "config": {"model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
+                                                                   "mlp_dim", "vocab_size", "attention_impl")},
+                   "batch_size": t.batch_size, "seq_len": t.seq_len, "matmul_size": args.matmul_size},
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_start": load_start,
+        "wall_s": time.perf_counter() - wall_start,
+    })
     for key, value in result.items():
-        print(f"{key:>24}: {value:.4g}" if isinstance(value, float) else f"{key:>24}: {value}")
+        print(f"{key:>40}: {value:.4g}" if isinstance(value, float) else f"{key:>40}: {value}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

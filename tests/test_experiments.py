@@ -115,3 +115,31 @@ def test_relative_loss_and_best_within():
              "trf": trf, "rel_loss": loss} for s in (0, 1) for b, trf, loss in ((8, 3.0, 0.05 * s), (16, 2.0, 0.0))]
     best = report.best_within(recs, "t", "learned")
     assert best["n"] == 2 and best["mean"] == pytest.approx(2.5)
+
+
+def test_train_profile_parts_cover_the_step_shapes():
+    """bench_train --profile's parts run at the preset's shapes: XLA counts exactly the FLOPs the
+    ledger-style formula gives for the projection matmuls (3x forward), and every part has a time."""
+    import jax
+
+    from experiments.train_profile import profile_parts
+    from ling_jax.config import get_preset
+    from ling_jax.model import Transformer
+    from ling_jax.train import init_state, make_train_step
+
+    config = get_preset("cpu-tiny")
+    m, t = config.model, config.train
+    model = Transformer(m)
+    state = init_state(config, model, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (t.batch_size, t.seq_len), 0, m.vocab_size)
+    batch = {"inputs": tokens, "targets": tokens, "loss_mask": jax.numpy.ones(tokens.shape),
+             "oracle_mask": jax.numpy.zeros(tokens.shape, bool)}
+    out = profile_parts(config, state.params, jax.jit(make_train_step(config, model)), (state, batch),
+                        lambda i: None, repeats=1, train_flops=1e6, matmul_size=128)
+    n, e, f, hd = t.batch_size * t.seq_len, m.d_model, m.mlp_dim, m.resolved_head_dim
+    per_layer = e * hd * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * e * f
+    assert out["profile_matmuls_xla_flops"] == pytest.approx(6 * n * (m.num_layers * per_layer + e * m.vocab_size))
+    for part in ("step", "matmuls", "attention_core", "attention_softmax", "norms", "rope", "embed_and_loss",
+                 "optimizer", "peak_matmul", "data"):
+        assert out[f"profile_{part}_cpu_s"] >= 0 and out[f"profile_{part}_wall_s"] > 0
+    assert out["profile_step_share_of_step"] == 1.0

@@ -133,21 +133,27 @@ def xla_attention(
     mask: Bool[Array, "B Tq Tk"],
     bias: Optional[Float[Array, "B Tq Tk"]] = None,
 ) -> Float[Array, "B Tq H D"]:
-    """Fast XLA path: grouped einsums without materialising repeated KV heads."""
+    """Fast XLA path: head-major ``[B, H, Tq, Tk]`` logits with the KV heads repeated per group.
+
+    On CPU this layout is ~1.5x faster forward + backward than grouped 5-D einsums
+    (``bqngd,bknd->bngqk``), which XLA lowers to transposes around small batched dots
+    (``experiments/train_profile.py`` measures the attention core; repeating K/V costs G x their
+    memory, small next to the logits). The softmax max is a constant for the gradient (it cancels).
+    """
     b, tq, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, tq, hkv, h // hkv, d)  # [B, Tq, Hkv, G, D]
-    logits = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    group = h // k.shape[2]
+    k = jnp.repeat(k, group, axis=2)  # [B, Tk, H, D]
+    v = jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d**-0.5)  # [B, H, Tq, Tk]
     if bias is not None:
-        logits = logits + bias[:, None, None]
-    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-    m = jnp.max(logits, axis=-1, keepdims=True)
+        logits = logits + bias[:, None]
+    logits = jnp.where(mask[:, None], logits, _NEG_INF)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     p = jnp.exp(logits - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    row_any = jnp.any(mask, axis=-1)[:, None, None, :, None]  # [B, 1, 1, Tq, 1]
+    row_any = jnp.any(mask, axis=-1)[:, None, :, None]  # [B, 1, Tq, 1]
     p = jnp.where(row_any, p / denom, 0.0)
-    out = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v)  # [B, Tq, Hkv, G, D]
-    return out.reshape(b, tq, h, d)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)  # [B, Tq, H, D]
 
 
 def attend(

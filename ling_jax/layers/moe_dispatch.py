@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.layers.moe_bucketed import bucketed_swiglu
 from ling_jax.layers.moe_sorted import grouped_swiglu
 from ling_jax.routing import sort_by_group
 
@@ -127,9 +128,16 @@ def _sorted_rows(ids, weights, active, num_experts):
     return tokens, w, starts, sizes
 
 
-def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, contiguous=None):
-    """Sorted rows through the fused gather-SwiGLU-scatter loop (options: see `grouped_swiglu`)."""
+def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, contiguous=None, bucket=False):
+    """Sorted rows through the fused gather-SwiGLU-scatter loop (`grouped_swiglu`, options ``tiles``,
+    ``contiguous``), or with ``bucket=True`` through the bucketed batched SwiGLU (`bucketed_swiglu`:
+    one batched matmul over experts, the overflow through the loop). The loop stays the default:
+    measured by CPU time on a loaded 2-core machine the bucket does less useful work per CPU-second
+    (0.61 vs 0.73 of a dense matmul at 64 experts of 256, top-1); its possible gain, using every
+    core, needs an idle machine to measure (``bench_moe.py`` times both)."""
     tokens, w, starts, sizes = _sorted_rows(ids, weights, active, w_gate.shape[0])
+    if bucket:
+        return bucketed_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down)
     return grouped_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down, tiles=tiles, contiguous=contiguous)
 
 

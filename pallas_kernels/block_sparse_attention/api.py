@@ -17,6 +17,7 @@ from pallas_kernels.block_sparse_attention.reference import (
     split_segment_ids,
 )
 from pallas_kernels.block_sparse_attention.schedule import BlockSchedule, schedule_from_codes
+from pallas_kernels.tpu_tiling import attention_blocks
 
 IMPLS = ("auto", "reference", "xla", "pallas", "pallas_tpu", "pallas_gpu")
 _KERNELS = {"pallas_tpu": tpu, "pallas_gpu": gpu}
@@ -33,8 +34,8 @@ def block_sparse_attention(
     segment_ids: Int[Array, "B T"] | tuple | None = None,
     window: int = 0,
     sm_scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    block_q: int | None = None,
+    block_k: int | None = None,
     impl: str = "auto",
     interpret: bool | None = None,
 ) -> Float[Array, "B Tq H D"]:
@@ -54,7 +55,9 @@ def block_sparse_attention(
         ``(q_segment_ids [B, Tq], kv_segment_ids [B, Tk])`` tuple. Ids must not be
         ``-2**31`` or ``-2**31 + 1`` (internal padding sentinels).
       sm_scale: logit scale (a static Python float), default ``1 / sqrt(D)``.
-      block_q, block_k: kernel tile sizes; sequences are padded to multiples internally.
+      block_q, block_k: kernel tile sizes; sequences are padded to multiples internally. None:
+        the TPU kernel takes `pallas_kernels.tpu_tiling.attention_blocks` (docs/TPU.md), the GPU
+        kernel and the rest 128.
         Compiled TPU needs ``block_k % 128 == 0`` and ``block_q % 8 == 0`` (``% 16`` for 16-bit
         dtypes); compiled GPU (Triton) needs powers of two >= 16 and a power-of-two head_dim
         >= 16. Interpret mode accepts any positive sizes.
@@ -75,6 +78,11 @@ def block_sparse_attention(
     if not _is_int(window) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0 disables it), got {window!r}")
     window = int(window)
+    kernel = _resolve_impl(impl)
+    if block_q is None or block_k is None:
+        rule_q, rule_k = (attention_blocks(b, tq, tk, d, q.dtype) if kernel == "pallas_tpu" else (128, 128))
+        block_q = rule_q if block_q is None else block_q
+        block_k = rule_k if block_k is None else block_k
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if not _is_int(val) or val <= 0:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -82,7 +90,6 @@ def block_sparse_attention(
     if interpret not in (None, True, False):
         raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
     scale = d**-0.5 if sm_scale is None else float(sm_scale)
-    kernel = _resolve_impl(impl)
     interp = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
     if kernel in _KERNELS and not interp:
         problem = _tiling_problem(kernel, block_q, block_k, d, q.dtype)

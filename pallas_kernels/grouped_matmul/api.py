@@ -37,6 +37,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_matmul import gpu, reference, tpu, xla
 from pallas_kernels.grouped_matmul.metadata import sanitize_group_sizes
+from pallas_kernels.tpu_tiling import gmm_tiling
 
 Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPLS = ("auto", "reference", "xla", "pallas")
@@ -146,8 +147,14 @@ def _pad_to(x, shape):
     return jnp.pad(x, pads) if any(p for _, p in pads) else x  # zero padding only
 
 
-def _pallas_tiles(cfg, m, k, n):
-    tm, tk, tn = cfg.tiling or DEFAULT_TILING[cfg.kernel_backend]
+def _pallas_tiles(cfg, m, k, n, groups, dtype):
+    """The caller's tiling, else the TPU rule (`pallas_kernels.tpu_tiling.gmm_tiling`) or the GPU default."""
+    if cfg.tiling:
+        tm, tk, tn = cfg.tiling
+    elif cfg.kernel_backend == "tpu":
+        tm, tk, tn = gmm_tiling(m, k, n, groups, dtype, cfg.out_dtype)
+    else:
+        tm, tk, tn = DEFAULT_TILING[cfg.kernel_backend]
     fit = lambda d, t, rows=False: _fit_tile(d, t, cfg.kernel_backend, rows)
     tm, tk, tn = fit(m, tm, True), fit(k, tk), fit(n, tn)
     return (tm, tk, tn), (_round_up(m, tm), _round_up(k, tk), _round_up(n, tn))
@@ -165,7 +172,7 @@ def _gmm_impl(lhs, rhs, group_sizes, group_offset, cfg: _Config):
         return reference.gmm_loop(lhs, rhs, group_sizes, **kw)
     if cfg.impl == "xla":
         return xla.gmm_xla(lhs, rhs, group_sizes, tm=cfg.tiling and cfg.tiling[0], **kw)
-    tiling, (mp, kp, np_) = _pallas_tiles(cfg, m, k, n)
+    tiling, (mp, kp, np_) = _pallas_tiles(cfg, m, k, n, rhs.shape[0], lhs.dtype)
     lhs_p = _pad_to(lhs, (mp, kp))  # [m_pad, k_pad]
     rhs_p = _pad_to(rhs, (rhs.shape[0], np_, kp) if cfg.transpose_rhs else (rhs.shape[0], kp, np_))
     kernel = tpu.gmm_tpu if cfg.kernel_backend == "tpu" else gpu.gmm_gpu
@@ -185,7 +192,7 @@ def _tgmm_impl(lhs, grad, group_sizes, group_offset, num_local, cfg: _Config):
         return reference.tgmm_loop(lhs, grad, group_sizes, **kw)
     if cfg.impl == "xla":
         return xla.tgmm_xla(lhs, grad, group_sizes, tm=cfg.tiling and cfg.tiling[0], **kw)
-    tiling, (mp, kp, np_) = _pallas_tiles(cfg, m, k, n)
+    tiling, (mp, kp, np_) = _pallas_tiles(cfg, m, k, n, num_local, lhs.dtype)
     kernel = tpu.tgmm_tpu if cfg.kernel_backend == "tpu" else gpu.tgmm_gpu
     out = kernel(
         _pad_to(lhs, (mp, kp)), _pad_to(grad, (mp, np_)), group_sizes, tiling=tiling,

@@ -39,8 +39,25 @@ def check_gpu_tiling(tiling: tuple[int, int, int]) -> None:
         raise ValueError(f"tiling={tiling}: the GPU (Triton) kernel needs power-of-two tiles")
 
 
-def _compiler_params():
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of Triton pipeline buffers (A100: 164 KiB, H100/H200: 227 KiB)
+
+
+def compiler_params_for(tiling: tuple[int, int, int], itemsize: int) -> tuple[int, int]:
+    """(num_warps, num_stages) for a tiling: 8 warps once a tile holds >= 128 x 128 accumulators
+    (4 below), and as many software-pipeline stages of the k loop (up to 4, at least 1) as fit
+    ``SHARED_MEMORY_BUDGET``, a stage holding one input tile of each operand (gmm: lhs [tm, tk] and
+    rhs [tk, tn]; tgmm: lhs [tm, tk] and grad [tm, tn]). Not yet timed on a GPU (the GPU check
+    sweeps tilings: experiments/gpu_check.sh); before this rule every tiling ran with (4, 2)."""
+    tm, tk, tn = tiling
+    warps = 8 if max(tm * tn, tk * tn) >= 128 * 128 else 4
+    stage = (tm * tk + max(tk * tn, tm * tn)) * itemsize
+    stages = max(1, min(4, SHARED_MEMORY_BUDGET // max(stage, 1)))
+    return warps, stages
+
+
+def _compiler_params(tiling: tuple[int, int, int], dtype):
+    warps, stages = compiler_params_for(tiling, jnp.dtype(dtype).itemsize)
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def gmm_gpu(
@@ -102,7 +119,7 @@ def gmm_gpu(
         grid=(m // tm, n // tn),
         in_specs=[whole] * 6,
         out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(tiling, compute),
         interpret=interpret,
         name="gmm_gpu",
     )(lo, hi, offsets, group_offset, lhs, rhs)
@@ -157,7 +174,7 @@ def tgmm_gpu(
         grid=(num_local_groups, k // tk, n // tn),
         in_specs=[whole] * 4,
         out_specs=pl.BlockSpec((None, tk, tn), lambda jg, kk, nn: (jg, kk, nn)),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(tiling, compute),
         interpret=interpret,
         name="tgmm_gpu",
     )(offsets, group_offset, lhs, grad)

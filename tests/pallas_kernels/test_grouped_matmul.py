@@ -169,6 +169,27 @@ def test_k_n_not_tile_multiples(impl, kb):
     _check_against_reference(impl, kb, jnp.float32, [13, 0, 20], seed=2, shape=shape)
 
 
+@pytest.mark.parametrize("tiling", [(128, 128, 64), (128, 64, 128)], ids=["128x128x64", "128x64x128"])
+def test_gpu_kernel_wide_tiles_interpret(tiling):
+    """The wider Triton tilings the GPU check sweeps (8 warps / 2-3 stages by the rule): forward,
+    d lhs and d rhs in interpret mode vs the reference, groups straddling the 128-row tiles."""
+    shape = (300, 160, 144, 4, tiling)
+    _check_against_reference("pallas", "gpu", jnp.float32, [130, 0, 101, 60], seed=3, shape=shape)
+
+
+def test_gpu_compiler_params_rule():
+    from pallas_kernels.grouped_matmul.gpu import SHARED_MEMORY_BUDGET, compiler_params_for
+
+    for tiling in [(16, 16, 16), (64, 64, 64), (128, 128, 64), (128, 64, 128), (128, 128, 128), (256, 128, 128)]:
+        for itemsize in (2, 4):
+            warps, stages = compiler_params_for(tiling, itemsize)
+            tm, tk, tn = tiling
+            assert warps in (4, 8) and 1 <= stages <= 4
+            assert stages == 1 or stages * (tm * tk + max(tk * tn, tm * tn)) * itemsize <= SHARED_MEMORY_BUDGET
+    assert compiler_params_for((128, 64, 128), 2) == (8, 3)
+    assert compiler_params_for((64, 64, 64), 2) == (4, 4)
+
+
 @pytest.mark.parametrize("impl,kb", IMPLS, ids=IMPL_IDS)
 def test_tgmm_public(impl, kb):
     """Public tgmm on two shards of 3 groups vs the loop reference; empty groups give zeros.
@@ -292,11 +313,12 @@ def test_tgmm_tpu_lowers_with_group_offset():
     assert "@tpu_custom_call" in jax.export.export(f, platforms=("tpu",))(*args).mlir_module()
 
 
-def test_gpu_kernels_lower():
+@pytest.mark.parametrize("tiling", [(64, 64, 64), (128, 64, 128)], ids=["64", "128x64x128"])
+def test_gpu_kernels_lower(tiling):
     """The GPU kernels lower for "cuda" through Triton (fwd, d lhs, d rhs). Triton custom calls
     carry no serialization-compatibility guarantee, so `jax.export` refuses them unless that
     safety check is disabled explicitly (the only obstacle; lowering itself works on CPU)."""
-    kw = dict(dtype=jnp.bfloat16, transpose_rhs=False, kernel_backend="gpu", tiling=(64, 64, 64))
+    kw = dict(dtype=jnp.bfloat16, transpose_rhs=False, kernel_backend="gpu", tiling=tiling)
     with pytest.raises(ValueError, match="no compatibility guarantees"):
         _export_fwd_bwd("cuda", **kw)
     check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
