@@ -392,14 +392,14 @@ def cmd_generate(args, extra) -> int:
 
 
 def _add_convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="import a Hugging Face model directory (config.json + *.safetensors) "
+    p = sub.add_parser("convert", allow_abbrev=False, help="import a Hugging Face model directory (config.json + *.safetensors) "
                                        "into a workdir for eval / sweep / train")
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--workdir", required=True, help="new workdir to write (config.json + step-0 checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("generate", help="greedy continuation of a prompt from a workdir's latest checkpoint")
+    p = sub.add_parser("generate", allow_abbrev=False, help="greedy continuation of a prompt from a workdir's latest checkpoint")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -407,7 +407,7 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--exit-threshold", type=float, help="early-exit threshold (model trained with early exit)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="write a workdir's latest checkpoint as a Hugging Face directory")
+    p = sub.add_parser("export", allow_abbrev=False, help="write a workdir's latest checkpoint as a Hugging Face directory")
     p.add_argument("--workdir", required=True)
     p.add_argument("--hf", required=True, help="output directory (config.json + model.safetensors)")
     p.add_argument("--model-type", help="default: the converted model's type, else llama")

@@ -236,6 +236,7 @@ def test_no_future_token_changes_an_earlier_output(params, tokens):
     cfg = dataclasses.replace(FULL, depth=dataclasses.replace(FULL.depth, mod_inference="threshold"))
     t = T // 2
     other = tokens.at[:, t:].set((tokens[:, t:] + 7) % BASE.vocab_size)
-    a, _, _, _ = run(cfg, params, tokens, exit_threshold=0.1, mod_threshold=0.5)
-    b, _, _, _ = run(cfg, params, other, exit_threshold=0.1, mod_threshold=0.5)
+    a, _, da, _ = run(cfg, params, tokens, exit_threshold=0.1, mod_threshold=0.5)
+    b, _, db, _ = run(cfg, params, other, exit_threshold=0.1, mod_threshold=0.5)
     assert_close(a[:, :t], b[:, :t])
+    np.testing.assert_array_equal(np.asarray(da["exit_layer"][0])[:, :t], np.asarray(db["exit_layer"][0])[:, :t])

@@ -54,11 +54,12 @@ def _merge(target, imported, where: str = ""):
 def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: Mapping[str, str] | Sequence[str] = (),
             *, tokenizer: str | None = None) -> Config:
     """Imports ``hf_dir`` and writes the workdir; returns the run's Config."""
-    import orbax.checkpoint as ocp
 
     from ling_jax.interop.tokenizer import Tokenizer
     from ling_jax.model import Transformer
-    from ling_jax.train import check_workdir_config, checkpoint_manager, init_state
+    from ling_jax.checkpoints import checkpoint_manager, save_checkpoint
+    from ling_jax.train import init_state
+    from ling_jax.workdir import write_record
 
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
     model_cfg, variables, hf_cfg = load_hf(hf_dir)
@@ -81,11 +82,13 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
     params = _merge(state.params, variables["params"])
     extra = _merge(state.extra, {k: v for k, v in variables.items() if k != "params"})
     state = state.replace(params=params, extra=extra)
-    check_workdir_config(workdir, config)
+    workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint_manager(workdir, config)
-    manager.save(0, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        save_checkpoint(manager, 0, state, keep=config.train.keep_checkpoints)
+    finally:
+        manager.close()
+    write_record(workdir, config, schedule_steps=config.train.steps)
     (workdir / SOURCE_FILE).write_text(json.dumps({"hf_dir": str(hf_dir.resolve()), "model_type": hf_cfg["model_type"],
                                                    "hf_config": hf_cfg}, indent=1))
     return config
