@@ -39,6 +39,7 @@ from ling_jax.layers import kv_cache  # noqa: E402
 from ling_jax.layers.attention import Attention, AttentionMask  # noqa: E402
 from ling_jax.ledger import ledger_from_intermediates  # noqa: E402
 from ling_jax.model import Transformer, forward_with_stats, init_params  # noqa: E402
+from ling_jax.token_state import TokenState
 
 
 def median_times(calls: dict, repeats: int) -> dict:
@@ -138,11 +139,11 @@ def attention_loop(cfg: ModelConfig, steps: int, context: int, pruned_cache: boo
         def step(cache, i):
             pos = jnp.full((x.shape[0], 1), context, jnp.int32) + i
             mask = AttentionMask.causal_self(pos)
-            carry = {kv_cache.CACHE_OP: kv_cache.DECODE}
+            token_state = TokenState(cache_op=kv_cache.DECODE)
             if pruned_cache:
                 mask = mask.replace(num_sinks=pc.num_sinks, window=pc.window, kv_keep=jnp.ones(pos.shape, bool))
-                carry[kv_cache.KV_SCORE] = jnp.zeros(pos.shape, jnp.float32)
-            out, state = attn.apply({"params": p, "cache": cache}, x, mask, carry, mutable=["cache"])
+                token_state = token_state.replace(prune_priority=jnp.zeros(pos.shape, jnp.float32))
+            out, state = attn.apply({"params": p, "cache": cache}, x, mask, token_state, mutable=["cache"])
             return state["cache"], jnp.sum(out)
         cache, sums = jax.lax.scan(step, cache, jnp.arange(steps))
         return sums

@@ -44,6 +44,7 @@ from ling_jax.data import make_task  # noqa: E402
 from ling_jax.data.tasks import make_batch  # noqa: E402
 from ling_jax.model import Transformer  # noqa: E402
 from ling_jax.train import init_state, make_train_step  # noqa: E402
+from ling_jax.token_state import TokenState
 
 POLICIES = ("dense", "learned", "sinks+window", "h2o", "tova", "random", "oracle")
 DECODED = ("h2o", "tova")  # attention-driven: evaluated through the KV cache
@@ -103,7 +104,7 @@ def evaluate(args, params, policy: str, batches) -> float:
         predict = lambda b: gen.teacher_forced_decode(cfg, params, b.inputs)
     else:
         model = Transformer(cfg)
-        fwd = jax.jit(lambda p, x, oracle: model.apply({"params": p}, x, carry={"oracle_keep": oracle}))
+        fwd = jax.jit(lambda p, x, oracle: model.apply({"params": p}, x, state=TokenState(oracle=oracle)))
         predict = lambda b: fwd(params, b.inputs, b.oracle_mask)
     for b in batches:
         pred = np.asarray(jnp.argmax(predict(b), axis=-1))

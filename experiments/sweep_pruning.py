@@ -154,7 +154,7 @@ def keep_map(task: str, trained: C.Trained, batch: dict, threshold: float) -> di
     import jax
     import numpy as np
 
-    from ling_jax.layers.pruning import KEEP, TokenPruner
+    from ling_jax.layers.pruning import TokenPruner
     from ling_jax.model import Transformer
 
     cfg = C.with_model(trained.model, {"pruning.mode": "hard", "pruning.inference_rule": "threshold",
@@ -165,7 +165,7 @@ def keep_map(task: str, trained: C.Trained, batch: dict, threshold: float) -> di
     def keep_flags(variables, tokens):  # {block: [1, T] cascaded keep flags of its pruner}
         _, state = Transformer(cfg).apply(variables, tokens, mutable=["intermediates"],
                                           capture_intermediates=lambda mdl, name: isinstance(mdl, TokenPruner))
-        return {block: sub["pruner"]["__call__"][0][1][KEEP] for block, sub in state["intermediates"].items()
+        return {block: sub["pruner"]["__call__"][0][1].prune_keep for block, sub in state["intermediates"].items()
                 if "pruner" in sub}
 
     layers = {int(block.split("_")[1]): np.asarray(keep[0]).astype(int).tolist()

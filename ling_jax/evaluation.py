@@ -21,6 +21,7 @@ from ling_jax.config import ModelConfig
 from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, sown_total
 from ling_jax.model import Transformer, forward_with_stats
 from ling_jax.policy import as_traced, inference_policy, static_config
+from ling_jax.token_state import TokenState
 
 LN2 = math.log(2.0)
 
@@ -35,9 +36,9 @@ def dense_of(config: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _carry_for(cfg: ModelConfig, oracle: Optional[jax.Array]) -> Optional[dict]:
+def _state_for(cfg: ModelConfig, oracle: Optional[jax.Array]) -> Optional[TokenState]:
     if cfg.pruning.enabled and cfg.pruning.baseline == "oracle":
-        return {"oracle_keep": oracle}
+        return TokenState(oracle=oracle)
     return None
 
 
@@ -56,7 +57,7 @@ def _eval_fn(cfg: ModelConfig) -> Callable:
     model = Transformer(cfg)
 
     def f(variables, batch, policy):
-        logits, inter = forward_with_stats(model, variables, batch["inputs"], carry=_carry_for(cfg, batch["oracle_mask"]),
+        logits, inter = forward_with_stats(model, variables, batch["inputs"], state=_state_for(cfg, batch["oracle_mask"]),
                                            policy=policy)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]

@@ -27,9 +27,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.layers import kv_cache
-from ling_jax.layers.pruning import ORACLE
 from ling_jax.layers.pruning_baselines import ATTENTION_POLICIES
 from ling_jax.model import Transformer
+from ling_jax.token_state import TokenState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +97,15 @@ def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> I
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _carry(op: str, slots: int, oracle: Optional[Array]) -> dict:
-    carry = {kv_cache.CACHE_OP: op, kv_cache.CACHE_SLOTS: slots}
-    if oracle is not None:
-        carry[ORACLE] = oracle
-    return carry
+def _state(op: str, slots: int, oracle: Optional[Array]) -> TokenState:
+    return TokenState(cache_op=op, cache_slots=slots, oracle=oracle)
 
 
 def prefill(model: Transformer, params, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], *, slots: int,
             oracle: Optional[Bool[Array, "B T"]] = None) -> tuple[Float[Array, "B T V"], dict]:
     """Parallel prompt pass that fills every layer's cache; returns (logits, cache collection)."""
     logits, state = model.apply({"params": params}, tokens, positions_of(valid), valid,
-                                carry=_carry(kv_cache.PREFILL, slots, oracle), mutable=["cache"])
+                                state=_state(kv_cache.PREFILL, slots, oracle), mutable=["cache"])
     return logits, state["cache"]
 
 
@@ -129,7 +126,7 @@ def decode_step(model: Transformer, params, cache: dict, token: Int[Array, "B"],
     """One token per row through every layer's cache; returns (logits, updated cache)."""
     logits, state = model.apply(
         {"params": params, "cache": cache}, token[:, None], position[:, None], valid[:, None],
-        carry=_carry(kv_cache.DECODE, 0, None if oracle is None else oracle[:, None]), mutable=["cache"])
+        state=_state(kv_cache.DECODE, 0, None if oracle is None else oracle[:, None]), mutable=["cache"])
     return logits[:, 0], state["cache"]
 
 

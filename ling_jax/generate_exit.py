@@ -31,6 +31,7 @@ from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.generate import empty_cache, positions_of
 from ling_jax.layers import kv_cache
 from ling_jax.model import Transformer
+from ling_jax.token_state import TokenState
 
 
 def decoding_model(config: ModelConfig) -> Transformer:
@@ -54,10 +55,10 @@ def decode_step(model: Transformer, params, cache: dict, token: Int[Array, "B"],
                 valid: Bool[Array, "B"], forced_exit: Optional[Int[Array, "B"]] = None
                 ) -> tuple[Float[Array, "B V"], dict, dict[str, Array]]:
     """One token per row through every layer's cache: (logits, cache, {exit_layer, layers_used} [B])."""
-    carry = {kv_cache.CACHE_OP: kv_cache.DECODE, kv_cache.CACHE_SLOTS: 0}
     logits, state = model.apply(
         {"params": params, "cache": cache}, token[:, None], position[:, None], valid[:, None],
-        forced_exit=None if forced_exit is None else forced_exit[:, None], carry=carry, mutable=["cache", "depth"])
+        forced_exit=None if forced_exit is None else forced_exit[:, None], state=TokenState(cache_op=kv_cache.DECODE),
+        mutable=["cache", "depth"])
     info = {k: v[:, 0] for k, v in _info(model, state["depth"], token.shape[0]).items()}
     return logits[:, 0], state["cache"], info
 

@@ -17,19 +17,19 @@ from jaxtyping import Array, Bool, Float, Int
 from ling_jax.config import ModelConfig
 from ling_jax.ledger import kv_flops_per_token
 from ling_jax.layers.attention import Attention, AttentionMask
-from ling_jax.layers.kv_cache import CACHE_OP
 from ling_jax.layers.basics import MLP, Embed, RMSNorm, compute_dtype, dense_init, param_with_axes
 from ling_jax.layers.pruning_compaction import compact_after_block, expand_compacted
 from ling_jax.layers import depth as depth_lib
-from ling_jax.policy import CARRY_KEY as POLICY, InferencePolicy, inference_policy
+from ling_jax.policy import InferencePolicy, inference_policy
 from ling_jax.routing import compact, expand
-
-
-Carry = dict  # per-token state threaded through the blocks (e.g. cascaded pruning keep flags)
+from ling_jax.token_state import TokenState
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``(x, mask, carry) -> (x, mask, carry)``.
+    """Pre-norm transformer block: ``(x, mask, state) -> (x, mask, state)``.
+
+    ``state`` is the :class:`~ling_jax.token_state.TokenState` (per-token state such as cascaded
+    pruning keep flags, and the call context: policy, KV-cache operation).
 
     Hook points: a token pruner before attention on pruning layers (it may tighten ``mask``),
     and an MoE layer in place of the MLP on MoE layers.
@@ -44,15 +44,16 @@ class Block(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, carry: Carry,
-                 queries: Optional[tuple[Int[Array, "B C"], Bool[Array, "B C"]]] = None) -> tuple[Array, AttentionMask, Carry]:
+    def __call__(self, x: Float[Array, "B T E"], mask: AttentionMask, state: TokenState,
+                 queries: Optional[tuple[Int[Array, "B C"], Bool[Array, "B C"]]] = None
+                 ) -> tuple[Array, AttentionMask, TokenState]:
         cfg = self.config
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
         if self.layer_index in cfg.pruning_layers:
             from ling_jax.layers.pruning import TokenPruner
 
-            mask, carry = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, carry)
+            mask, state = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, state)
         kv_only = 0.0  # tokens whose keys and values are computed without their query
         if queries is None:
             x_q, h_q, q_mask, kv_x = x, h, mask, None
@@ -62,12 +63,12 @@ class Block(nn.Module):
             q_mask, kv_x = mask.select_queries(indices, slot_valid), h
             b, t, c = x.shape[0], x.shape[1], indices.shape[1]
             # With no query and no cache to fill, nothing reads the keys: XLA drops them.
-            if c > 0 or (isinstance(carry, dict) and carry.get(CACHE_OP) is not None):
+            if c > 0 or state.cache_op is not None:
                 kv_only = b * (t - c)
         if self.layer_index in cfg.pruning_layers or cfg.depth.exit_enabled:
             self.sow("intermediates", "flops_kv_only", jnp.float32(kv_only * kv_flops_per_token(cfg)))
         n_tokens = jnp.float32(x_q.shape[0] * x_q.shape[1])  # every computed slot counts, valid or not
-        x_q = x_q + Attention(cfg, name="attn")(h_q, q_mask, carry, kv_x=kv_x).astype(x.dtype)
+        x_q = x_q + Attention(cfg, name="attn")(h_q, q_mask, state, kv_x=kv_x).astype(x.dtype)
         h_q = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_q)
         if self.layer_index in cfg.moe_layers:
             from ling_jax.layers.moe import MoE
@@ -80,7 +81,7 @@ class Block(nn.Module):
         self.sow("intermediates", "tokens_computed", n_tokens)
         if queries is not None:
             x_q = expand(x_q, indices, slot_valid, x)  # [B, T, E]: unselected tokens unchanged
-        return x_q, mask, carry
+        return x_q, mask, state
 
 
 class Transformer(nn.Module):
@@ -127,13 +128,15 @@ class Transformer(nn.Module):
         targets: Optional[Int[Array, "B T"]] = None,
         loss_mask: Optional[Float[Array, "B T"]] = None,
         forced_exit: Optional[Int[Array, "B T"]] = None,
-        carry: Optional[Carry] = None,
+        state: Optional[TokenState] = None,
         policy: Optional[InferencePolicy] = None,
     ) -> Float[Array, "B T V"]:
         """``targets``/``loss_mask`` train the early-exit heads (``loss_exit``); ``forced_exit`` [B, T]
         replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never).
-        ``policy`` (:mod:`ling_jax.policy`) holds the call-time thresholds, traced: a sweep over
-        them compiles once (default: the config's values)."""
+        ``state`` seeds the :class:`~ling_jax.token_state.TokenState`: the training ``step``, the
+        task's ``oracle`` mask [B, T], a KV-cache ``cache_op`` with ``cache_slots``
+        (:mod:`ling_jax.generate`). ``policy`` (:mod:`ling_jax.policy`) holds the call-time
+        thresholds, traced: a sweep over them compiles once (default: the config's values)."""
         b, t = tokens.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} is larger than the model supports (max_seq_len={self.config.max_seq_len})")
@@ -141,21 +144,23 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = AttentionMask.causal_self(positions, valid)
         x = self.embed(tokens)  # [B, T, E]
-        # ``carry`` seeds the block carry: {"step": training step, "oracle_keep": [B, T] oracle mask,
-        # "cache_op": "prefill" | "decode" with "cache_slots" (KV-cache decoding, ling_jax/generate.py)}.
-        carry = {**depth_lib.start_carry(self.config, b, t), **(carry or {}),
-                 POLICY: inference_policy(self.config) if policy is None else policy}
+        state = (state or TokenState()).replace(policy=inference_policy(self.config) if policy is None else policy)
+        state = depth_lib.start_state(self.config, state, b, t).replace(forced_exit=forced_exit)
+        if targets is not None and self.config.pruning.enabled and self.config.pruning.compaction:
+            raise ValueError("early-exit training targets need every token in every layer: train with "
+                             "model.pruning.compaction=false (compaction is an inference setting)")
+        full_mask = mask
         compaction = None  # pruning: where the compacted sequence lives (ling_jax/layers/pruning_compaction.py)
         for i, block in enumerate(self.blocks):
             if self.depth_layers:
-                x, mask, carry = depth_lib.run_layer(self, i, x, mask, carry, targets, loss_mask, forced_exit)
+                x, mask, state = depth_lib.run_layer(self, i, x, mask, state, targets, loss_mask)
             else:
-                x, mask, carry = block(x, mask, carry)
+                x, mask, state = block(x, mask, state)
             # -- pruning: drop the tokens this block's pruner did not keep from all later layers --
-            x, mask, carry, compaction = compact_after_block(self.config, x, mask, carry, compaction)
-        x = expand_compacted(x, compaction)  # pruning: compacted tokens back to [B, T, E]
+            x, mask, state, compaction = compact_after_block(self.config, x, mask, state, compaction)
+        x, state = expand_compacted(x, state, compaction)  # pruning: compacted tokens back to [B, T, ...]
         if self.depth_layers:
-            return depth_lib.finish(self, x, mask, carry)
+            return depth_lib.finish(self, x, full_mask, state)
         return self.logits(x)
 
 

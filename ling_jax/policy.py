@@ -24,7 +24,6 @@ from jaxtyping import Array, Float
 from ling_jax.config import ConfigError, DepthConfig, ModelConfig, PruningConfig
 
 Scalar = Union[float, Float[Array, ""]]
-CARRY_KEY = "policy"  # where the Transformer hands the policy to its layers (the block carry)
 
 
 @flax.struct.dataclass
@@ -70,10 +69,11 @@ def as_traced(policy: InferencePolicy) -> InferencePolicy:
                               policy.exit_threshold)))
 
 
-def policy_of(cfg: ModelConfig, carry: Optional[dict]) -> InferencePolicy:
-    """The policy a layer runs under: the one in the block carry, else the config's."""
-    if carry is not None and CARRY_KEY in carry:
-        return carry[CARRY_KEY]
+def policy_of(cfg: ModelConfig, state) -> InferencePolicy:
+    """The policy a layer runs under: the one in the token state (``ling_jax.token_state``), else
+    the config's."""
+    if state is not None and state.policy is not None:
+        return state.policy
     return inference_policy(cfg)
 
 

@@ -33,6 +33,7 @@ from ling_jax.config import Config, from_dict
 from ling_jax.data import Batch
 from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax.model import Transformer
+from ling_jax.token_state import TokenState
 from ling_jax.workdir import (WorkdirLock, check_model, config_changes, prepare, read_record, recorded_config,
                               truncate_metrics, write_record)
 
@@ -128,8 +129,8 @@ def make_train_step(config: Config, model: Transformer) -> Callable:
     exit_kwargs = lambda batch: (dict(targets=batch["targets"], loss_mask=batch["loss_mask"])
                                  if config.model.depth.exit_enabled else {})
 
-    # Token pruning anneals its soft-mask temperature with the step (carry["step"]).
-    step_kwargs = lambda step: dict(carry={"step": step}) if config.model.pruning.enabled else {}
+    # Token pruning anneals its soft-mask temperature with the step (TokenState.step).
+    step_kwargs = lambda step: dict(state=TokenState(step=step)) if config.model.pruning.enabled else {}
 
     # MoE router jitter draws from a "jitter" rng: a pure function of (seed, step), so resumes replay it.
     moe = config.model.moe

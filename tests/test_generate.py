@@ -14,6 +14,7 @@ from ling_jax.config import ConfigError, PruningConfig, get_preset
 from ling_jax.layers import kv_cache
 from ling_jax.model import Transformer, init_params
 from ling_jax.testing import assert_close
+from ling_jax.token_state import TokenState
 
 BASE = get_preset("cpu-tiny").model
 PROMPT_LENGTHS = (5, 23, 14)
@@ -45,8 +46,8 @@ def prompts():
 
 def forward_on(cfg, params, tokens, valid, oracle=None):
     """Teacher-forced parallel forward pass (left-padded rows, per-row positions)."""
-    carry = None if oracle is None else {"oracle_keep": oracle}
-    run = jax.jit(lambda p, t, v: Transformer(cfg).apply({"params": p}, t, gen.positions_of(v), v, carry=carry))
+    state = None if oracle is None else TokenState(oracle=oracle)
+    run = jax.jit(lambda p, t, v: Transformer(cfg).apply({"params": p}, t, gen.positions_of(v), v, state=state))
     return run(params, tokens, valid)
 
 
@@ -146,9 +147,9 @@ def test_bad_settings_fail_clearly(params, prompts):
     with pytest.raises(ValueError, match=r"every prompt needs at least one token"):
         gen.left_pad([[1, 2], []])
     model = Transformer(BASE)
-    carry = {kv_cache.CACHE_OP: kv_cache.DECODE}
     with pytest.raises(ValueError, match=r"decoding needs a KV cache: run a prefill first"):
-        model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), carry=carry, mutable=["cache"])
+        model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), state=TokenState(cache_op=kv_cache.DECODE),
+                    mutable=["cache"])
 
 
 @pytest.mark.parametrize("depth", [dict(mod_enabled=True), dict(exit_enabled=True)], ids=["mod", "exit"])

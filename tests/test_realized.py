@@ -9,7 +9,9 @@ program of the bucket it chose (same outputs, same ledger). The wall-time side i
 ``experiments/bench_realized.py``.
 """
 
+import contextlib
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -23,7 +25,8 @@ from ling_jax.evaluation import _eval_fn, eval_fn
 from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, token_reduction_factor
 from ling_jax.model import Transformer, init_params
 from ling_jax.policy import as_traced, inference_policy, static_config
-from ling_jax.testing import assert_close
+from ling_jax.testing import assert_close, fast_compile
+from ling_jax.token_state import TokenState
 
 B, T = 2, 64
 BASE = dataclasses.replace(get_preset("cpu-tiny").model, num_layers=3)
@@ -41,6 +44,9 @@ def cfg_with(depth=None, pruning=None, moe=None):
 
 FULL = cfg_with(depth=dict(**MOD, exit_enabled=True), pruning=HARD,
                 moe=dict(enabled=True, num_experts=4, top_k=2, num_zero_experts=2, layers="every:2:0"))
+# Every mechanism at once, pruned tokens dropped from later layers (threshold rule: causal).
+COMPACTED = dataclasses.replace(FULL, pruning=dataclasses.replace(FULL.pruning, compaction=True, layers="1"),
+                                depth=dataclasses.replace(FULL.depth, mod_inference="threshold"))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,9 @@ def params():
     """One parameter tree with every mechanism's parameters (routers and predictors spread out):
     MoE blocks from FULL, the plain MLPs of the same blocks from FULL without MoE."""
     init = lambda cfg: nn.meta.unbox(jax.jit(lambda k: init_params(Transformer(cfg), k))(jax.random.key(0)))  # noqa: E731
-    p = init(dataclasses.replace(FULL, moe=MoEConfig()))
-    for name, block in init(FULL).items():
+    with fast_compile():
+        p, full = init(dataclasses.replace(FULL, moe=MoEConfig())), init(FULL)
+    for name, block in full.items():
         p[name] = {**p[name], **block} if isinstance(block, dict) else block
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * 4.0 if any(getattr(k, "key", "") in ("router", "predictor") for k in path) else x, p)
@@ -70,16 +77,30 @@ def subset(params, cfg):
     return take(params, shapes)
 
 
-def run(cfg, params, tokens, **policy):
-    """(logits, intermediates, depth decisions, XLA FLOPs) of one compiled forward."""
+def run(cfg, params, tokens, *, fast=False, **policy):
+    """(logits, intermediates, depth decisions, XLA FLOPs) of one compiled forward (compiled once).
+
+    ``fast``: compile with most XLA optimizations off (for tests of outputs, not of FLOPs: without
+    dead-code elimination XLA's count is not the optimized program's)."""
     p = subset(params, cfg)
     pol = as_traced(inference_policy(cfg, **policy))
+    compiled, flops = _compiled(cfg, fast, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
+    logits, state = compiled(p, tokens, pol)
+    return logits, state["intermediates"], state.get("depth", {}), flops
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(cfg, fast, tokens):
+    """One compilation per (config, mode, token shape), shared by the tests (thresholds are traced)."""
+    p = jax.eval_shape(lambda: nn.meta.unbox(init_params(Transformer(cfg), jax.random.key(0))))
+    pol = as_traced(inference_policy(cfg))
     fn = jax.jit(lambda p, t, pol: Transformer(cfg).apply({"params": p}, t, policy=pol,
                                                            mutable=["intermediates", "depth"]))
-    cost = fn.lower(p, tokens, pol).compile().cost_analysis()
+    with fast_compile() if fast else contextlib.nullcontext():
+        compiled = fn.lower(p, tokens, pol).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    logits, state = fn(p, tokens, pol)
-    return logits, state["intermediates"], state.get("depth", {}), float(cost["flops"])
+    return compiled, float(cost["flops"])
 
 
 def assert_ledger_matches_xla(cfg, inter, xla_flops):
@@ -103,19 +124,27 @@ CASES = {
                           dispatch="dense")), {}),
     "all combined, capacity 1/4": (dataclasses.replace(FULL, depth=dataclasses.replace(
         FULL.depth, infer_buckets="0.25", mod_inference="threshold")), {"exit_threshold": 0.2}),
+    "all combined + compaction, capacity 1/4": (dataclasses.replace(COMPACTED, depth=dataclasses.replace(
+        COMPACTED.depth, infer_buckets="0.25")), {"exit_threshold": 0.2, "prune_threshold": 0.5}),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_ledger_computed_matches_xla(name, params, tokens):
+def case(name):
+    """(config, policy) of a case as the XLA comparison compiles it."""
     cfg, policy = CASES[name]
     if name == "early exit, capacity 0":  # two buckets: XLA sees the larger; check the empty one alone below
         cfg = dataclasses.replace(cfg, depth=dataclasses.replace(cfg.depth, infer_buckets="1"))
-    if name.startswith("zero-compute") or name.startswith("all combined"):
+    if name.startswith(("zero-compute", "all combined")):
         # Every token to the zero-compute experts: the dense dispatch's buffers are sized by the
         # static capacity, which is what it computes (the sorted dispatch skips empty tiles in a
         # loop whose trip count XLA cannot see: bench_realized times it).
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dense", capacity_factor=1.0))
+    return cfg, policy
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ledger_computed_matches_xla(name, params, tokens):
+    cfg, policy = case(name)
     _, inter, _, xla = run(cfg, params, tokens, **policy)
     assert_ledger_matches_xla(cfg, inter, xla)
 
@@ -127,8 +156,8 @@ def test_realized_mechanisms_compute_less_than_dense(params, tokens):
     assert dense == pytest.approx(dense_forward_flops(BASE, B, T))
     assert token_reduction_factor(BASE, ledger_from_intermediates(BASE, inter), B, T) == pytest.approx(1.0)
     for name in ("pruning budget + compaction", "MoD predictor, capacity 1/4", "early exit, capacity 1/2",
-                 "all combined, capacity 1/4"):
-        cfg, policy = CASES[name]
+                 "all combined, capacity 1/4", "all combined + compaction, capacity 1/4"):
+        cfg, policy = case(name)
         _, inter, _, xla = run(cfg, params, tokens, **policy)
         assert xla < 0.85 * dense_xla, name
         assert token_reduction_factor(cfg, ledger_from_intermediates(cfg, inter), B, T) > 1.15, name
@@ -175,9 +204,10 @@ def test_early_exit_decode_step_ledger_matches_xla(params, tokens, buckets):
     from ling_jax.layers import kv_cache
 
     def step(p, cache, tok):
-        carry = {kv_cache.CACHE_OP: kv_cache.DECODE, kv_cache.CACHE_SLOTS: 0}
+
         return model.apply({"params": p, "cache": cache}, tok[:, None], jnp.zeros((B, 1), jnp.int32),
-                           jnp.ones((B, 1), bool), carry=carry, mutable=["cache", "depth", "intermediates"])
+                           jnp.ones((B, 1), bool), state=TokenState(cache_op=kv_cache.DECODE),
+                           mutable=["cache", "depth", "intermediates"])
 
     fn = jax.jit(step)
     cost = fn.lower(p, cache, tokens[:, 0]).compile().cost_analysis()
@@ -195,9 +225,10 @@ def test_decoding_with_everything_exited_still_equals_the_forward(params, tokens
     values only) equals the teacher-forced forward pass with the same decisions."""
     cfg = cfg_with(depth={**EXIT, "exit_threshold": 0.0})
     p = subset(params, cfg)
-    decoded, _, info = generate_exit.teacher_forced(cfg, p, tokens[:, :16])
+    with fast_compile():
+        decoded, _, info = generate_exit.teacher_forced(cfg, p, tokens[:, :16])
     assert np.all(np.asarray(info["exit_layer"]) == 0)
-    forward, _, _, _ = run(cfg, params, tokens[:, :16], exit_threshold=0.0)
+    forward, _, _, _ = run(cfg, params, tokens[:, :16], fast=True, exit_threshold=0.0)
     assert_close(decoded, forward)
 
 
@@ -222,21 +253,52 @@ def test_threshold_sweep_compiles_once(params, tokens):
 
 
 def test_keep_all_capacity_one_and_unreachable_threshold_equal_dense(params, tokens):
-    """Pruning (threshold 0), MoD (capacity 1), early exit (threshold 1) and MoE in one model
-    equal the same model with every skipping mechanism off."""
-    cfg = dataclasses.replace(FULL, depth=dataclasses.replace(FULL.depth, mod_inference="topk", mod_capacity=1.0))
-    logits, _, _, _ = run(cfg, params, tokens, prune_threshold=0.0, exit_threshold=1.0)
+    """Pruning with compaction (threshold 0, budget T: keeps all), MoD (capacity 1), early exit
+    (threshold 1) and MoE in one model equal the same model with every skipping mechanism off."""
+    cfg = dataclasses.replace(COMPACTED, pruning=dataclasses.replace(COMPACTED.pruning, budget=T),
+                              depth=dataclasses.replace(FULL.depth, mod_inference="topk", mod_capacity=1.0))
+    logits, _, _, _ = run(cfg, params, tokens, fast=True, prune_threshold=0.0, exit_threshold=1.0)
     plain = dataclasses.replace(FULL, depth=DepthConfig(), pruning=PruningConfig())
-    ref, _, _, _ = run(plain, params, tokens)
+    ref, _, _, _ = run(plain, params, tokens, fast=True)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
 
 
 def test_no_future_token_changes_an_earlier_output(params, tokens):
-    """All mechanisms with causal rules: changing the tail leaves the head's logits unchanged."""
-    cfg = dataclasses.replace(FULL, depth=dataclasses.replace(FULL.depth, mod_inference="threshold"))
+    """All mechanisms with causal rules, pruned tokens compacted away: changing the tail leaves
+    the head's logits and decisions unchanged."""
+    cfg = COMPACTED
     t = T // 2
     other = tokens.at[:, t:].set((tokens[:, t:] + 7) % BASE.vocab_size)
-    a, _, da, _ = run(cfg, params, tokens, exit_threshold=0.1, mod_threshold=0.5)
-    b, _, db, _ = run(cfg, params, other, exit_threshold=0.1, mod_threshold=0.5)
+    a, _, da, _ = run(cfg, params, tokens, fast=True, exit_threshold=0.1, mod_threshold=0.5)
+    b, _, db, _ = run(cfg, params, other, fast=True, exit_threshold=0.1, mod_threshold=0.5)
     assert_close(a[:, :t], b[:, :t])
     np.testing.assert_array_equal(np.asarray(da["exit_layer"][0])[:, :t], np.asarray(db["exit_layer"][0])[:, :t])
+
+
+def test_compaction_with_adaptive_depth_drops_tokens_and_keeps_their_state(params, tokens):
+    """After the compacting pruner, MoD and early exit run on the kept tokens only; a dropped
+    token reaches the head from the state it had when dropped (not "exited"), and its per-token
+    depth state (layers used) stops counting there."""
+    cfg = COMPACTED  # at most budget = 16 of the 64 tokens stay after block 1
+    logits, inter, decisions, _ = run(cfg, params, tokens, fast=True, prune_threshold=0.5, exit_threshold=0.2)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    kept = float(np.asarray(inter["block_1"]["pruner"]["tokens_kept"][0]))
+    assert kept < B * T, "the pruner should drop some tokens"
+    used = np.asarray(decisions["layers_used"][0])  # [B, T]
+    assert used.min() <= 2 < cfg.num_layers, "dropped tokens stop after the compacting block"
+    assert int(np.asarray(decisions["exit_layer"][0]).max()) <= cfg.num_layers - 1
+
+
+def test_everything_combined_decodes_like_the_forward(params, tokens):
+    """Compaction, MoD, early exit and MoE in one config decode token by token (compaction is a
+    prefill setting: the budgeted KV cache does the pruning) with the decisions of the forward
+    pass without compaction."""
+    cfg = dataclasses.replace(COMPACTED, pruning=dataclasses.replace(COMPACTED.pruning, budget=16),
+                              depth=dataclasses.replace(COMPACTED.depth, exit_threshold=0.0, mod_threshold=0.5))
+    p = subset(params, cfg)
+    with fast_compile():
+        decoded, _, info = generate_exit.teacher_forced(cfg, p, tokens[:, :16])
+    plain = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, compaction=False))
+    forward, _, decisions, _ = run(plain, params, tokens[:, :16], fast=True, exit_threshold=0.0, mod_threshold=0.5)
+    np.testing.assert_array_equal(np.asarray(info["exit_layer"]), np.asarray(decisions["exit_layer"][0]))
+    assert_close(decoded, forward)

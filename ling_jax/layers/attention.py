@@ -10,7 +10,7 @@ Visibility of key j to query i (positions p), with protected = p_j < num_sinks |
 A soft log-keep score is added to the logits of keys that are neither sinks nor in the window.
 ``expire`` (budget pruning) is per-query, so it needs the dense paths (``auto`` falls back to xla).
 
-With a ``carry`` holding a cache op, :class:`Attention` also keeps a per-layer KV cache for decoding
+With a token state holding a cache operation (``TokenState.cache_op``), :class:`Attention` also keeps a per-layer KV cache for decoding
 (:mod:`ling_jax.layers.kv_cache`).
 """
 
@@ -27,6 +27,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ling_jax.config import ModelConfig
 from ling_jax.layers import kv_cache
 from ling_jax.layers.basics import apply_rope, compute_dtype, dense_init, param_with_axes
+from ling_jax.token_state import TokenState
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 _NEG_INF = -1e30
@@ -210,11 +211,12 @@ class QKNorm(nn.Module):
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings. Records query/key work for the ledger.
 
-    ``carry`` (optional, the block carry) switches on the KV cache (flax collection ``"cache"``,
-    see :mod:`ling_jax.layers.kv_cache`): ``carry["cache_op"] == "prefill"`` runs the usual forward
+    ``state`` (optional, the block's :class:`~ling_jax.token_state.TokenState`) switches on the KV
+    cache (flax collection ``"cache"``, see :mod:`ling_jax.layers.kv_cache`): ``state.cache_op ==
+    "prefill"`` runs the usual forward
     pass and then stores the keys the last query of each row can see; ``"decode"`` runs one token
-    per row against the cache (:meth:`decode`). Layers under pruning (a pruner left a per-token
-    score in the carry) get ``config.pruning.budget`` slots, the others ``carry["cache_slots"]``.
+    per row against the cache (:meth:`decode`). Layers under pruning (a pruner left
+    ``state.prune_priority``) get ``config.pruning.budget`` slots, the others ``state.cache_slots``.
     """
 
     config: ModelConfig
@@ -261,20 +263,19 @@ class Attention(nn.Module):
         dtype = compute_dtype(self.config)
         return jnp.einsum("bthd,hde->bte", out, self.wo.astype(dtype))
 
-    def __call__(self, x: Float[Array, "B Tq E"], mask: AttentionMask, carry: Optional[dict] = None,
+    def __call__(self, x: Float[Array, "B Tq E"], mask: AttentionMask, state: Optional[TokenState] = None,
                  kv_x: Optional[Float[Array, "B Tk E"]] = None) -> Float[Array, "B Tq E"]:
         """Queries from ``x``; keys and values from ``kv_x`` (default ``x``: self-attention)."""
-        cache_op = None if carry is None else carry.get(kv_cache.CACHE_OP)
+        state = state or TokenState()
+        cache_op = state.cache_op
         if cache_op == kv_cache.DECODE:
             if x.shape[1] == 0:  # no query this step (every row exited): write the keys and values only
-                self._store(self._write(self._load(), kv_x, mask, carry))
+                self._store(self._write(self._load(), kv_x, mask, state))
                 for name in ("attn_pairs_visible", "attn_pairs_computed"):
                     self.sow("intermediates", name, jnp.float32(0.0))
                 self.sow("intermediates", "kv_entries", jnp.sum(self._load()["pos"] >= 0, dtype=jnp.float32))
                 return jnp.zeros(x.shape, compute_dtype(self.config))
-            return self.decode(x, mask, carry)
-        if cache_op not in (None, kv_cache.PREFILL):
-            raise ValueError(f"carry['cache_op'] must be None, 'prefill' or 'decode', got {cache_op!r}")
+            return self.decode(x, mask, state)
         q = self._query(x, mask.q_positions)
         k, v = self._key_value(x if kv_x is None else kv_x, mask.kv_positions)
         # Queries of a subset of the tokens (adaptive depth): their indices no longer match the key
@@ -287,38 +288,38 @@ class Attention(nn.Module):
         self.sow("intermediates", "attn_pairs_computed", jnp.float32(b * tq * tk))
         self.sow("intermediates", "kv_entries", jnp.sum(held, dtype=jnp.float32))
         if cache_op == kv_cache.PREFILL:
-            self._prefill_cache(k, v, mask, carry, held)
+            self._prefill_cache(k, v, mask, state, held)
         return self._output(out)
 
     # ------------------------------------------------------------------------- KV cache
 
-    def _slots(self, carry: dict) -> int:
-        if carry.get(kv_cache.KV_SCORE) is not None:  # under pruning: a fixed budget
+    def _slots(self, state: TokenState) -> int:
+        if state.prune_priority is not None:  # under pruning: a fixed budget
             return self.config.pruning.budget
-        if kv_cache.CACHE_SLOTS not in carry:
-            raise ValueError("an unpruned layer's KV cache needs carry['cache_slots'] (the context length to hold)")
-        return int(carry[kv_cache.CACHE_SLOTS])
+        if state.cache_slots <= 0:
+            raise ValueError("an unpruned layer's KV cache needs TokenState.cache_slots > 0 (the context length to hold)")
+        return int(state.cache_slots)
 
-    def _policy(self, carry: dict) -> Optional[str]:
+    def _policy(self, state: TokenState) -> Optional[str]:
         """``"h2o"``/``"tova"`` when this layer's cache priorities come from attention."""
         baseline = self.config.pruning.baseline
-        if carry.get(kv_cache.KV_SCORE) is not None and baseline in ("h2o", "tova"):
+        if state.prune_priority is not None and baseline in ("h2o", "tova"):
             return baseline
         return None
 
-    def _token_state(self, mask: AttentionMask, carry: dict) -> tuple[Array, Array]:
+    def _token_state(self, mask: AttentionMask, state: TokenState) -> tuple[Array, Array]:
         """Per-token (score, keep) the cache stores for the keys of ``mask``."""
-        score = carry.get(kv_cache.KV_SCORE)
+        score = state.prune_priority
         score = jnp.zeros(mask.kv_positions.shape, jnp.float32) if score is None else score.astype(jnp.float32)
         keep = jnp.ones(mask.kv_positions.shape, bool) if mask.kv_keep is None else mask.kv_keep
         return score, keep
 
-    def _prefill_cache(self, k, v, mask: AttentionMask, carry: dict, held) -> None:
-        score, keep = self._token_state(mask, carry)
+    def _prefill_cache(self, k, v, mask: AttentionMask, state: TokenState, held) -> None:
+        score, keep = self._token_state(mask, state)
         last = jnp.max(jnp.where(mask.q_valid, mask.q_positions, -1), axis=1)  # [B]
         first = kv_cache.protected(mask.kv_positions, last, mask.num_sinks, mask.window)
         rank = jnp.where(first, jnp.inf, jnp.where(keep, score, -1e30))  # sinks and window first
-        cache = kv_cache.from_sequence(k, v, mask.kv_positions, held, rank, score, keep, self._slots(carry))
+        cache = kv_cache.from_sequence(k, v, mask.kv_positions, held, rank, score, keep, self._slots(state))
         self._store(cache)
 
     def _load(self) -> kv_cache.Cache:
@@ -330,29 +331,29 @@ class Attention(nn.Module):
         for name, value in cache.items():
             self.put_variable("cache", name, value)
 
-    def _write(self, cache: kv_cache.Cache, x: Float[Array, "B 1 E"], mask: AttentionMask, carry: dict) -> kv_cache.Cache:
+    def _write(self, cache: kv_cache.Cache, x: Float[Array, "B 1 E"], mask: AttentionMask, state: TokenState) -> kv_cache.Cache:
         if x.shape[1] != 1:
             raise ValueError(f"KV-cache decoding takes one token per row, got {x.shape[1]}")
         k, v = self._key_value(x, mask.kv_positions)  # [B, 1, Hkv, D]
-        score, keep = self._token_state(mask, carry)
+        score, keep = self._token_state(mask, state)
         pos = mask.kv_positions[:, 0]
         slot = kv_cache.choose_slot(cache, pos, mask.num_sinks, mask.window)
         return kv_cache.write(cache, slot, k[:, 0], v[:, 0], pos, score[:, 0], keep[:, 0], mask.kv_valid[:, 0])
 
-    def write_kv(self, x: Float[Array, "B 1 E"], mask: AttentionMask, carry: dict) -> None:
+    def write_kv(self, x: Float[Array, "B 1 E"], mask: AttentionMask, state: TokenState) -> None:
         """Projects the keys and values of one token per row and writes them into the cache
         (with eviction), without computing attention: for tokens that provide keys to later
         queries but need no output here (e.g. tokens that exited at a lower layer)."""
-        self._store(self._write(self._load(), x, mask, carry))
+        self._store(self._write(self._load(), x, mask, state))
 
-    def decode(self, x: Float[Array, "B 1 E"], mask: AttentionMask, carry: dict) -> Float[Array, "B 1 E"]:
+    def decode(self, x: Float[Array, "B 1 E"], mask: AttentionMask, state: TokenState) -> Float[Array, "B 1 E"]:
         """One decoding step: write the new token's K/V (evicting if full), attend over the cache."""
-        cache = self._write(self._load(), x, mask, carry)
+        cache = self._write(self._load(), x, mask, state)
         q = self._query(x, mask.q_positions)[:, 0]  # [B, H, D]
         q_pos, q_valid = mask.q_positions[:, 0], mask.q_valid[:, 0]
         vis = kv_cache.visible(cache, q_pos, q_valid, mask.num_sinks, mask.window)  # [B, S]
         out, probs = kv_cache.attend(q, cache, vis)
-        policy = self._policy(carry)
+        policy = self._policy(state)
         if policy is not None:
             cache = kv_cache.update_scores(cache, probs, policy, q_valid)
         self._store(cache)

@@ -25,8 +25,9 @@ remaining layers only write the rows' keys and values into the cache (CALM-style
 ``exit_train_freeze`` (and a ``"depth"`` rng) a random fraction of tokens exits and is carried up
 (masked: computed, and counted as computed).
 
-Per-token state lives in the block ``carry`` under ``depth_*`` keys, so it follows any sequence
-compaction. Statistics go to ``intermediates`` (ledger counts, ``depth_layer_tokens`` /
+Per-token state lives in the :class:`~ling_jax.token_state.TokenState` (``layers_used``,
+``exited``, ``exit_logits``, ``exit_layer``; in training ``exit_pred`` / ``exit_cls``), so it
+follows any sequence compaction (pruning compaction included); the blocks themselves never see it. Statistics go to ``intermediates`` (ledger counts, ``depth_layer_tokens`` /
 ``depth_tokens`` for layers used per token, MoD predictor accuracy counts) and per-token decisions
 to the ``depth`` collection (``mod_routed``, ``exit_confidence``, ``exit_layer``, ``layers_used``;
 never at init).
@@ -53,16 +54,13 @@ from ling_jax.layers.depth_mod import (
     run_compacted, small_mlp_flops, topk_selection, weighted_update,
 )
 from ling_jax.ledger import sown_total
-from ling_jax.policy import CARRY_KEY as POLICY, InferencePolicy, policy_of
+from ling_jax.policy import InferencePolicy, policy_of
 from ling_jax.routing import (
     bucket_sizes, capacity_for, choose_bucket, compact, expand, selection_indices, within_capacity,
 )
+from ling_jax.token_state import TokenState
 
-EXITED = "depth_exited"  # [B, T] bool: the token exited at an earlier layer (inference)
-EXIT_LOGITS = "depth_exit_logits"  # [B, T, V] float32: logits of the exit head it left at
-EXIT_LAYER = "depth_exit_layer"  # [B, T] int32: layer it exited after (num_layers - 1: never)
-LAYERS_USED = "depth_layers_used"  # [B, T] int32: blocks that updated the token so far
-_PRED, _CLS = "depth_exit_pred_", "depth_exit_cls_"  # training: per exit layer greedy token / classifier logit
+_DEPTH_FIELDS = ("layers_used", "exited", "exit_logits", "exit_layer", "exit_pred", "exit_cls", "forced_exit")
 
 
 def enabled(cfg: ModelConfig) -> bool:
@@ -75,15 +73,22 @@ def _exiting(cfg: ModelConfig) -> bool:
     return depth.exit_enabled and bool(exit_points(cfg)) and (depth.mode == "infer" or depth.exit_train_freeze > 0)
 
 
-def start_carry(cfg: ModelConfig, b: int, t: int) -> dict:
-    """Initial per-token depth state for a forward pass."""
+def start_state(cfg: ModelConfig, state: TokenState, b: int, t: int) -> TokenState:
+    """``state`` with the initial per-token depth fields of a forward pass."""
     if not enabled(cfg):
-        return {}
-    used = {LAYERS_USED: jnp.zeros((b, t), jnp.int32)}
+        return state
+    state = state.replace(layers_used=jnp.zeros((b, t), jnp.int32))
     if not _exiting(cfg):
-        return used
-    return {**used, EXITED: jnp.zeros((b, t), bool), EXIT_LOGITS: jnp.zeros((b, t, cfg.vocab_size), jnp.float32),
-            EXIT_LAYER: jnp.full((b, t), cfg.num_layers - 1, jnp.int32)}
+        return state
+    return state.replace(exited=jnp.zeros((b, t), bool), exit_logits=jnp.zeros((b, t, cfg.vocab_size), jnp.float32),
+                         exit_layer=jnp.full((b, t), cfg.num_layers - 1, jnp.int32))
+
+
+def _split(state: TokenState) -> tuple[TokenState, dict]:
+    """(the state a block sees: no depth fields, the depth fields)."""
+    own = {name: getattr(state, name) for name in _DEPTH_FIELDS}
+    return state.replace(layers_used=None, exited=None, exit_logits=None, exit_layer=None, exit_pred=(),
+                         exit_cls=(), forced_exit=None), own
 
 
 def sow_decision(module: nn.Module, name: str, value: Array) -> None:
@@ -130,17 +135,16 @@ class DepthLayer(nn.Module):
                  jnp.float32(b * c * small_mlp_flops(self.config.d_model, self.config.depth.predictor_dim)))
         return logits, features, cls_logit
 
-    def __call__(self, block: Callable, head: Callable, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict,
-                 targets: Optional[Int[Array, "B T"]] = None,
-                 loss_mask: Optional[Float[Array, "B T"]] = None) -> tuple[Array, AttentionMask, dict]:
+    def __call__(self, block: Callable, head: Callable, x: Float[Array, "B T E"], mask: AttentionMask,
+                 state: TokenState, targets: Optional[Int[Array, "B T"]] = None,
+                 loss_mask: Optional[Float[Array, "B T"]] = None) -> tuple[Array, AttentionMask, TokenState]:
         """Training: compacted top-k MoD, exit heads on every token (losses), random freezing."""
         cfg, i = self.config, self.layer_index
         b, t = x.shape[:2]
         valid = mask.q_valid
         exiting = _exiting(cfg)
-        exited = carry[EXITED] if exiting else jnp.zeros((b, t), bool)
-        own = {k: v for k, v in carry.items() if k.startswith("depth_")}
-        blk = {k: v for k, v in carry.items() if not k.startswith("depth_")}
+        exited = state.exited if exiting else jnp.zeros((b, t), bool)
+        blk, own = _split(state)
         if i in cfg.mod_layers:
             x, mask, blk, updated = self._routed(block, x, mask, blk, exited, exiting)
         else:
@@ -150,12 +154,12 @@ class DepthLayer(nn.Module):
             updated = valid & ~exited
             x = jnp.where(updated[..., None], out, x) if exiting else out
         self.sow("intermediates", "depth_layer_tokens", jnp.sum(updated & valid, dtype=jnp.float32))
-        own[LAYERS_USED] = own[LAYERS_USED] + updated
+        own["layers_used"] = own["layers_used"] + updated
         if i in exit_points(cfg) and cfg.depth.exit_enabled:
             own = self._exit_train(head, x, mask, own, exited, targets, loss_mask)
-        return x, mask, {**blk, **own}
+        return x, mask, blk.replace(**own)
 
-    def _routed(self, block, x, mask, carry, exited, exiting):
+    def _routed(self, block, x, mask, state, exited, exiting):
         """Training MoD: the top ``mod_capacity`` tokens run the block, compacted."""
         cfg, depth = self.config, self.config.depth
         valid = mask.q_valid
@@ -165,9 +169,9 @@ class DepthLayer(nn.Module):
         weight = depth.aux_loss_weight / len(cfg.mod_layers)
         self.sow("intermediates", "loss_mod_predictor",
                  weight * predictor_bce(predictor, jax.lax.stop_gradient(topk), valid))
-        x, mask, carry = _run_routed(cfg, block, x, mask, carry, topk, jax.nn.sigmoid(scores),
+        x, mask, state = _run_routed(cfg, block, x, mask, state, topk, jax.nn.sigmoid(scores),
                                      capacity_for(x.shape[1], depth.mod_capacity), exited if exiting else None)
-        return x, mask, carry, topk & ~exited
+        return x, mask, state, topk & ~exited
 
     def _exit_train(self, head, x, mask, own, exited, targets, loss_mask):
         """Training exit head: its cross-entropy, the classifier's inputs, and random exits."""
@@ -179,7 +183,8 @@ class DepthLayer(nn.Module):
             lm = (valid & ~exited).astype(jnp.float32) * (1.0 if loss_mask is None else loss_mask)
             weight = depth.exit_loss_weight / len(points)
             self.sow("intermediates", "loss_exit", weight * exit_cross_entropy(logits, targets, lm))
-        own = {**own, f"{_PRED}{i}": jnp.argmax(logits, axis=-1), f"{_CLS}{i}": cls_logit}
+        own = {**own, "exit_pred": own["exit_pred"] + (jnp.argmax(logits, axis=-1),),
+               "exit_cls": own["exit_cls"] + (cls_logit,)}
         if not (_exiting(cfg) and self.has_rng("depth")):
             return own
         # Random exits, so later layers learn to use carried-up states: each exit point takes
@@ -188,53 +193,48 @@ class DepthLayer(nn.Module):
         k = points.index(i)
         u = jax.random.uniform(self.make_rng("depth"), valid.shape)
         new = valid & ~exited & (u < share / (1.0 - k * share))
-        return {**own, EXITED: exited | new, EXIT_LOGITS: jnp.where(new[..., None], logits, own[EXIT_LOGITS]),
-                EXIT_LAYER: jnp.where(new, i, own[EXIT_LAYER])}
+        return {**own, "exited": exited | new, "exit_logits": jnp.where(new[..., None], logits, own["exit_logits"]),
+                "exit_layer": jnp.where(new, i, own["exit_layer"])}
 
 
-def _run_routed(cfg: ModelConfig, block: Callable, x, mask: AttentionMask, carry: dict, routed, prob, capacity: int,
-                exited: Optional[Array]):
-    """MoD block on the routed tokens gathered into ``capacity`` slots: (x, mask, carry).
+def _run_routed(cfg: ModelConfig, block: Callable, x, mask: AttentionMask, state: TokenState, routed, prob,
+                capacity: int, exited: Optional[Array]):
+    """MoD block on the routed tokens gathered into ``capacity`` slots: (x, mask, state).
 
     Routed tokens that exited earlier give keys and values but are not updated (masked queries).
     """
     indices, slot_valid = selection_indices(routed, capacity)  # [B, C] each
-    x_c, out_c, mask, carry = run_compacted(block, x, mask, carry, indices, slot_valid, exited)
+    x_c, out_c, mask, state = run_compacted(block, x, mask, state, indices, slot_valid, exited)
     y_c = weighted_update(cfg, x_c, out_c, compact(prob, indices))  # [B, C, E]
     if exited is not None:
         y_c = jnp.where(compact(exited, indices)[..., None], x_c, y_c)  # exited: carried up
-    return expand(y_c, indices, slot_valid, x), mask, carry
+    return expand(y_c, indices, slot_valid, x), mask, state
 
 
 # ----------------------------------------------------------------------------- inference
 
 
-def _is_dynamic(key: str, value: Any) -> bool:
-    return key != POLICY and isinstance(value, jax.Array)
-
-
 def _bucketed(model: nn.Module, selected: Bool[Array, "B T"], sizes: tuple[int, ...], make_branch: Callable,
-              carry: dict):
+              state: TokenState):
     """Runs ``make_branch(capacity)(model)`` for the smallest bucket holding ``selected``.
 
-    Branches return ``(outputs, carry)``; only the carry's arrays pass through the switch, its
-    other entries (policy, cache op, slot counts) are put back after. Returns (outputs, carry,
-    the selected tokens that fit the chosen capacity [B, T]).
+    Branches return ``(outputs, state)``; only the per-token part of the state passes through the
+    switch, the call context (policy, step) is put back after. Returns (outputs, state, the
+    selected tokens that fit the chosen capacity [B, T]).
     """
-    static = {k: v for k, v in carry.items() if not _is_dynamic(k, v)}
     if len(sizes) == 1:
         out, new = make_branch(sizes[0])(model)
-        return out, {**new, **static}, within_capacity(selected, sizes[0])
+        return out, new, within_capacity(selected, sizes[0])
 
     def branch(capacity):
         def run(mdl):
             out, new = make_branch(capacity)(mdl)
-            return out, {k: v for k, v in new.items() if _is_dynamic(k, v)}
+            return out, new.without_context()
         return run
 
     index = choose_bucket(selected, sizes)
-    out, dynamic = nn.switch(index, [branch(c) for c in sizes], model)
-    return out, {**dynamic, **static}, within_capacity(selected, jnp.asarray(sizes, jnp.int32)[index])
+    out, new = nn.switch(index, [branch(c) for c in sizes], model)
+    return out, new.with_context_of(state), within_capacity(selected, jnp.asarray(sizes, jnp.int32)[index])
 
 
 def _infer_buckets(cfg: ModelConfig, t: int, *, with_empty: bool = True) -> tuple[int, ...]:
@@ -243,21 +243,20 @@ def _infer_buckets(cfg: ModelConfig, t: int, *, with_empty: bool = True) -> tupl
     return sizes if with_empty else tuple(sorted({max(1, c) for c in sizes}))
 
 
-def run_layer(model: nn.Module, i: int, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict,
+def run_layer(model: nn.Module, i: int, x: Float[Array, "B T E"], mask: AttentionMask, state: TokenState,
               targets: Optional[Int[Array, "B T"]] = None, loss_mask: Optional[Float[Array, "B T"]] = None,
-              forced_exit: Optional[Int[Array, "B T"]] = None) -> tuple[Array, AttentionMask, dict]:
+              ) -> tuple[Array, AttentionMask, TokenState]:
     """Block ``i`` of ``model`` (the Transformer) with adaptive depth: training or inference path."""
     cfg = model.config
     if cfg.depth.mode == "train":
-        return model.depth_layers[i](model.blocks[i], model.logits, x, mask, carry, targets, loss_mask)
+        return model.depth_layers[i](model.blocks[i], model.logits, x, mask, state, targets, loss_mask)
     b, t = x.shape[:2]
     layer = model.depth_layers[i]
     valid = mask.q_valid
     exiting = _exiting(cfg)
-    exited = carry[EXITED] if exiting else jnp.zeros((b, t), bool)
-    own = {k: v for k, v in carry.items() if k.startswith("depth_")}
-    blk = {k: v for k, v in carry.items() if not k.startswith("depth_")}
-    policy = policy_of(cfg, carry)
+    exited = state.exited if exiting else jnp.zeros((b, t), bool)
+    blk, own = _split(state)
+    policy = policy_of(cfg, state)
     x_in = x
     if i in cfg.mod_layers:
         x, mask, blk, updated = _routed_infer(model, i, x, mask, blk, exited if exiting else None, policy)
@@ -276,20 +275,20 @@ def run_layer(model: nn.Module, i: int, x: Float[Array, "B T E"], mask: Attentio
 
         # A cache prefill stores what the last query sees: it runs every slot (prompts of depth
         # models are decoded token by token, ling_jax/generate_exit.py; this builds the empty cache).
-        prefill = blk.get(kv_cache.CACHE_OP) == kv_cache.PREFILL
+        prefill = blk.cache_op == kv_cache.PREFILL
         sizes = (t,) if prefill else _infer_buckets(cfg, t)
         (x, mask), blk, updated = _bucketed(model, live, sizes, make_branch, blk)
     else:
         x, mask, blk = model.blocks[i](x, mask, blk)
         updated = valid
     layer.sow("intermediates", "depth_layer_tokens", jnp.sum(updated & valid, dtype=jnp.float32))
-    own[LAYERS_USED] = own[LAYERS_USED] + updated
+    own["layers_used"] = own["layers_used"] + updated
     if exiting and i in exit_points(cfg):
-        own = _exit_infer(model, i, x, x_in, updated, mask, own, exited, forced_exit, policy)
-    return x, mask, {**blk, **own}
+        own = _exit_infer(model, i, x, x_in, updated, mask, own, exited, own["forced_exit"], policy)
+    return x, mask, blk.replace(**own)
 
 
-def _routed_infer(model, i, x, mask: AttentionMask, carry: dict, exited: Optional[Array], policy: InferencePolicy):
+def _routed_infer(model, i, x, mask: AttentionMask, state: TokenState, exited: Optional[Array], policy: InferencePolicy):
     """Inference MoD: the causal rule (or top-k) picks the tokens that run block ``i``, bucketed."""
     cfg, depth = model.config, model.config.depth
     layer = model.depth_layers[i]
@@ -307,13 +306,13 @@ def _routed_infer(model, i, x, mask: AttentionMask, carry: dict, exited: Optiona
 
     def make_branch(capacity):
         def run(mdl):
-            x_new, m, c = _run_routed(cfg, mdl.blocks[i], x, mask, carry, routed, prob, capacity, exited)
-            return (x_new, m), c
+            x_new, m, s = _run_routed(cfg, mdl.blocks[i], x, mask, state, routed, prob, capacity, exited)
+            return (x_new, m), s
         return run
 
-    (x, mask), carry, routed = _bucketed(model, routed, sizes, make_branch, carry)
+    (x, mask), state, routed = _bucketed(model, routed, sizes, make_branch, state)
     updated = routed if exited is None else routed & ~exited
-    return x, mask, carry, updated
+    return x, mask, state, updated
 
 
 def _exit_infer(model, i, x, x_in, updated, mask: AttentionMask, own: dict, exited, forced_exit, policy):
@@ -343,17 +342,17 @@ def _exit_infer(model, i, x, x_in, updated, mask: AttentionMask, own: dict, exit
             new = new & slot_valid
             out = (expand(new, indices, slot_valid, jnp.zeros((b, t), bool)),
                    expand(conf, indices, slot_valid, jnp.full((b, t), -jnp.inf, jnp.float32)),
-                   expand(logits, indices, new, own[EXIT_LOGITS]))
-            return out, {}
+                   expand(logits, indices, new, own["exit_logits"]))
+            return out, TokenState()
         return run
 
-    (new, conf, exit_logits), _, _ = _bucketed(model, live, _infer_buckets(cfg, t), make_branch, {})
+    (new, conf, exit_logits), _, _ = _bucketed(model, live, _infer_buckets(cfg, t), make_branch, TokenState())
     if forced_exit is None:
         sow_decision(model.depth_layers[i], "exit_confidence", conf)
-    return {**own, EXITED: exited | new, EXIT_LOGITS: exit_logits, EXIT_LAYER: jnp.where(new, i, own[EXIT_LAYER])}
+    return {**own, "exited": exited | new, "exit_logits": exit_logits, "exit_layer": jnp.where(new, i, own["exit_layer"])}
 
 
-def finish(model: nn.Module, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict) -> Float[Array, "B T V"]:
+def finish(model: nn.Module, x: Float[Array, "B T E"], mask: AttentionMask, state: TokenState) -> Float[Array, "B T V"]:
     """Final logits with adaptive depth: exited tokens take their exit head's logits.
 
     ``model`` is the Transformer (for its ``logits`` head and ``sow``). In inference the final head
@@ -365,35 +364,35 @@ def finish(model: nn.Module, x: Float[Array, "B T E"], mask: AttentionMask, carr
     b, t = x.shape[:2]
     valid = mask.q_valid
     model.sow("intermediates", "depth_tokens", jnp.sum(valid, dtype=jnp.float32))
-    sow_decision(model, "layers_used", carry[LAYERS_USED])
-    exited = carry[EXITED] if _exiting(cfg) else None
+    sow_decision(model, "layers_used", state.layers_used)
+    exited = state.exited if _exiting(cfg) else None
     if exited is not None and cfg.depth.mode == "infer":
-        sow_decision(model, "exit_layer", carry[EXIT_LAYER])
+        sow_decision(model, "exit_layer", state.exit_layer)
         live = valid & ~exited
 
         def make_branch(capacity):
             def run(mdl):
                 if capacity == t:
-                    return jnp.where(exited[..., None], carry[EXIT_LOGITS], mdl.logits(x)), {}
+                    return jnp.where(exited[..., None], state.exit_logits, mdl.logits(x)), TokenState()
                 indices, slot_valid = selection_indices(live, capacity)  # [B, C] each
-                return expand(mdl.logits(compact(x, indices)), indices, slot_valid, carry[EXIT_LOGITS]), {}
+                return expand(mdl.logits(compact(x, indices)), indices, slot_valid, state.exit_logits), TokenState()
             return run
 
         # Every token that did not exit needs its logits: the final head never overflows.
         sizes = tuple(sorted(set(_infer_buckets(cfg, t)) | {t}))
-        logits, _, _ = _bucketed(model, live, sizes, make_branch, {})
+        logits, _, _ = _bucketed(model, live, sizes, make_branch, TokenState())
         return logits
     logits = model.logits(x)
     points = exit_points(cfg)
     if cfg.depth.exit_enabled and cfg.depth.mode == "train" and points:
         final = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
         scored = valid if exited is None else valid & ~exited
-        bce = sum(classifier_bce(carry[f"{_CLS}{i}"], carry[f"{_PRED}{i}"] == final, scored) for i in points)
+        bce = sum(classifier_bce(cls, pred == final, scored) for cls, pred in zip(state.exit_cls, state.exit_pred))
         model.sow("intermediates", "loss_exit_classifier", cfg.depth.aux_loss_weight * bce / len(points))
     if exited is None:
         return logits
-    sow_decision(model, "exit_layer", carry[EXIT_LAYER])
-    return jnp.where(exited[..., None], carry[EXIT_LOGITS], logits)
+    sow_decision(model, "exit_layer", state.exit_layer)
+    return jnp.where(exited[..., None], state.exit_logits, logits)
 
 
 # ----------------------------------------------------------------------------- diagnostics

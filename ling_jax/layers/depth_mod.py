@@ -3,7 +3,7 @@
 A routed block runs only on the tokens its router selects. In training the selection is the top
 ``capacity`` of each sequence by router score (static capacity ``C``); the selected tokens are
 gathered into ``[B, C, E]`` with :func:`ling_jax.routing.compact`, together with their positions,
-their attention mask and the per-token carry, so attention, the MLP (or MoE) and any pruner run
+their attention mask and the per-token state (:meth:`TokenState.gather`), so attention, the MLP (or MoE) and any pruner run
 on ``C`` tokens only; results are scattered back with :func:`ling_jax.routing.expand` and the
 other tokens pass on the residual unchanged.
 
@@ -27,6 +27,7 @@ from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.basics import dense_init, param_with_axes
 from ling_jax.policy import InferencePolicy
 from ling_jax.routing import capacity_for, compact, expand, top_k_mask
+from ling_jax.token_state import TokenState
 
 
 def rms_normalize(x: Float[Array, "... E"]) -> Float[Array, "... E"]:
@@ -134,10 +135,6 @@ def weighted_update(
 # ----------------------------------------------------------------------------- compaction
 
 
-def _is_token_array(leaf, b: int, t: int) -> bool:
-    return hasattr(leaf, "shape") and leaf.ndim >= 2 and leaf.shape[:2] == (b, t)
-
-
 def compact_mask(mask: AttentionMask, indices: Int[Array, "B C"], valid: Bool[Array, "B C"]) -> AttentionMask:
     """The self-attention mask of the compacted sequence: the selected tokens, in order."""
     return mask.gather(indices, valid)
@@ -161,31 +158,10 @@ def expand_mask(compacted: AttentionMask, indices: Int[Array, "B C"], valid: Boo
                         kv_expire=back(compacted.kv_expire, base.kv_expire, never))
 
 
-def compact_carry(carry: dict, indices: Int[Array, "B C"], b: int, t: int) -> dict:
-    """Gathers every per-token ``[B, T, ...]`` carry entry; other entries pass through."""
-    return {k: compact(v, indices) if _is_token_array(v, b, t) else v for k, v in carry.items()}
-
-
-def expand_carry(new: dict, old: dict, indices: Int[Array, "B C"], valid: Bool[Array, "B C"], b: int, t: int) -> dict:
-    """Scatters per-token carry entries back; tokens that skipped the block keep their old entry.
-
-    An entry the block created has no old value: skipped tokens get True (booleans) or 0.
-    """
-    c = indices.shape[1]
-    out = {}
-    for k, v in new.items():
-        if _is_token_array(v, b, c) and (k not in old or _is_token_array(old[k], b, t)):
-            base = old[k] if k in old else jnp.full((b, t) + v.shape[2:], v.dtype == jnp.bool_, v.dtype)
-            out[k] = expand(v, indices, valid, base)
-        else:
-            out[k] = v
-    return out
-
-
-def run_compacted(block, x: Float[Array, "B T E"], mask: AttentionMask, carry: dict,
+def run_compacted(block, x: Float[Array, "B T E"], mask: AttentionMask, state: TokenState,
                   indices: Int[Array, "B C"], valid: Bool[Array, "B C"],
                   query_off: Optional[Bool[Array, "B T"]] = None):
-    """Runs ``block`` on the selected tokens only. Returns (x_c, out_c, mask, carry) with x_c/out_c [B, C, E].
+    """Runs ``block`` on the selected tokens only. Returns (x_c, out_c, mask, state) with x_c/out_c [B, C, E].
 
     ``query_off`` marks tokens that provide keys and values but are not updated (exited tokens).
     """
@@ -194,7 +170,7 @@ def run_compacted(block, x: Float[Array, "B T E"], mask: AttentionMask, carry: d
     mask_c = compact_mask(mask, indices, valid)
     if query_off is not None:
         mask_c = mask_c.replace(q_valid=mask_c.q_valid & ~compact(query_off, indices))
-    out_c, mask_c, carry_c = block(x_c, mask_c, compact_carry(carry, indices, b, t))
+    out_c, mask_c, state_c = block(x_c, mask_c, state.gather(indices))
     if out_c.shape != x_c.shape:
         raise ValueError(f"a Mixture-of-Depths block must keep its input shape {x_c.shape}, got {out_c.shape}")
-    return x_c, out_c, expand_mask(mask_c, indices, valid, mask), expand_carry(carry_c, carry, indices, valid, b, t)
+    return x_c, out_c, expand_mask(mask_c, indices, valid, mask), state.scatter(state_c, indices, valid, t)

@@ -29,10 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-CACHE_OP = "cache_op"  # carry key: None (no cache) | "prefill" | "decode"
-CACHE_SLOTS = "cache_slots"  # carry key: slots of an unpruned layer's cache (a Python int)
-KV_SCORE = "prune_prio"  # carry key: [B, T] eviction priority a pruner left for the layers above it
-PREFILL, DECODE = "prefill", "decode"
+from ling_jax.token_state import DECODE, PREFILL  # noqa: F401  (the token state's cache operations)
+
 EMPTY = -1
 _NEG_INF = -1e30
 _INT_MAX = np.iinfo(np.int32).max

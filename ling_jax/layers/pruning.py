@@ -19,7 +19,7 @@ query's ``window`` most recent tokens are never hidden.
   model still reads through a negative bias).
 * **cascade**: keep flags AND and log keep-probabilities add across pruning layers.
 * **compaction** (hard): the pruner marks the tokens that stay in the sequence
-  (``carry[COMPACT_SELECT]``); the Transformer drops the others for all later layers
+  (``TokenState.prune_select``); the Transformer drops the others for all later layers
   (:mod:`ling_jax.layers.pruning_compaction`). Threshold rule: kept tokens and sinks (causal, at
   most ``budget`` of them, the earliest first). Budget rule: the keys the last query sees.
 
@@ -45,14 +45,9 @@ from ling_jax.layers.pruning_baselines import (
 )
 from ling_jax.layers.pruning_scorers import LinearScorer, LowRankScorer
 from ling_jax.policy import policy_of
+from ling_jax.token_state import TokenState
 
 # Carry keys (per-token arrays follow the tokens through compaction).
-KEEP = "prune_keep"  # [B, T] bool: cascaded hard keep flags
-PRIORITY = kv_cache.KV_SCORE  # [B, T] float32: ranking / eviction priority of the last pruning layer
-LOG_KEEP = "prune_log_keep"  # [B, T] float32: cascaded soft log keep-probability
-COMPACT_SELECT = "prune_compact"  # [B, T] bool: tokens that stay in the sequence after this block
-ORACLE = "oracle_keep"  # [B, T] bool input: the task's oracle mask (baseline="oracle")
-STEP = "step"  # scalar int input: the training step (temperature schedule)
 
 NEVER = np.iinfo(np.int32).min  # expiry of a key no query beyond its window may see
 FOREVER = np.iinfo(np.int32).max
@@ -106,19 +101,23 @@ def budget_expiry(
 
 
 class TokenPruner(nn.Module):
-    """Scores tokens and tightens the attention mask: ``(h, mask, carry) -> (mask, carry)``."""
+    """Scores tokens and tightens the attention mask: ``(h, mask, state) -> (mask, state)``.
+
+    Its per-token state (:class:`~ling_jax.token_state.TokenState`): ``prune_keep`` (cascaded
+    hard keep flags), ``prune_priority`` (ranking / KV-cache eviction priority of the last pruning
+    layer), ``prune_log_keep`` (cascaded soft log keep-probability), ``prune_select`` (compaction:
+    tokens that stay in the sequence after this block); inputs ``oracle`` and ``step``."""
 
     config: ModelConfig
     layer_index: int
 
     @nn.compact
-    def __call__(self, h: Float[Array, "B T E"], mask: AttentionMask, carry: dict) -> tuple[AttentionMask, dict]:
+    def __call__(self, h: Float[Array, "B T E"], mask: AttentionMask, state: TokenState) -> tuple[AttentionMask, TokenState]:
         cfg, pc = self.config, self.config.pruning
-        cache_op = carry.get(kv_cache.CACHE_OP)
+        cache_op = state.cache_op
         valid, positions = mask.kv_valid, mask.kv_positions
         b, t = valid.shape
-        cascade = pc.cascade and KEEP in carry
-        carry = dict(carry)
+        cascade = pc.cascade and state.prune_keep is not None
         mask = mask.replace(num_sinks=pc.num_sinks, window=pc.window, kv_keep=None, kv_log_keep=None, kv_expire=None)
 
         if pc.baseline == "learned":
@@ -127,16 +126,16 @@ class TokenPruner(nn.Module):
             per_token = scorer.flops_per_token(cfg.d_model, pc.scorer_rank)
             self.sow("intermediates", "flops_pruning_scorer", jnp.float32(b * t * per_token))
             if pc.mode == "soft":
-                return self._soft(score, mask, carry)
-            threshold = policy_of(cfg, carry).prune_threshold  # traced: a threshold sweep compiles once
+                return self._soft(score, mask, state)
+            threshold = policy_of(cfg, state).prune_threshold  # traced: a threshold sweep compiles once
             own_keep = hard_keep(score, threshold) if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
             priority = jax.nn.log_sigmoid(score)  # cascaded keep log-probability at temperature 1
-            if pc.cascade and PRIORITY in carry:
-                priority = priority + carry[PRIORITY]
+            if pc.cascade and state.prune_priority is not None:
+                priority = priority + state.prune_priority
         elif pc.baseline == "oracle":
-            if ORACLE not in carry:
-                raise ValueError("baseline='oracle' needs the task's oracle mask: pass carry={'oracle_keep': mask [B, T]}")
-            oracle = carry[ORACLE].astype(bool)
+            if state.oracle is None:
+                raise ValueError("baseline='oracle' needs the task's oracle mask: pass state=TokenState(oracle=mask [B, T])")
+            oracle = state.oracle.astype(bool)
             own_keep = oracle if pc.inference_rule == "threshold" else jnp.ones((b, t), bool)
             priority = oracle_priority(oracle)
         elif pc.baseline == "random":
@@ -149,8 +148,8 @@ class TokenPruner(nn.Module):
                     f"baseline={pc.baseline!r} scores keys by the attention they receive while decoding; run it "
                     "through ling_jax.generate (generate / teacher_forced_decode), not a parallel forward pass")
             own_keep, priority = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.float32)
-        keep = own_keep & carry[KEEP] if cascade else own_keep
-        carry[KEEP], carry[PRIORITY] = keep, priority
+        keep = own_keep & state.prune_keep if cascade else own_keep
+        state = state.replace(prune_keep=keep, prune_priority=priority)
         mask = mask.replace(kv_keep=keep)
         if pc.inference_rule == "budget" and cache_op != kv_cache.DECODE:
             candidate = keep & valid & (positions >= pc.num_sinks)
@@ -163,16 +162,16 @@ class TokenPruner(nn.Module):
             kept = (keep | (positions < pc.num_sinks)) & valid
         self.sow("intermediates", "tokens_kept", jnp.sum(kept, dtype=jnp.float32))
         if pc.compaction and cache_op != kv_cache.DECODE:
-            carry[COMPACT_SELECT] = kept
-        return mask, carry
+            state = state.replace(prune_select=kept)
+        return mask, state
 
-    def _soft(self, score: Float[Array, "B T"], mask: AttentionMask, carry: dict) -> tuple[AttentionMask, dict]:
+    def _soft(self, score: Float[Array, "B T"], mask: AttentionMask, state: TokenState) -> tuple[AttentionMask, TokenState]:
         """Training: log keep-probabilities on the logits, and the keep-ratio regulariser."""
         cfg, pc = self.config, self.config.pruning
-        log_keep = soft_log_keep(score, temperature(pc, carry.get(STEP)))
-        if pc.cascade and LOG_KEEP in carry:
-            log_keep = log_keep + carry[LOG_KEEP]
-        carry[LOG_KEEP] = carry[PRIORITY] = log_keep
+        log_keep = soft_log_keep(score, temperature(pc, state.step))
+        if pc.cascade and state.prune_log_keep is not None:
+            log_keep = log_keep + state.prune_log_keep
+        state = state.replace(prune_log_keep=log_keep, prune_priority=log_keep)
         prunable = (mask.kv_valid & (mask.kv_positions >= pc.num_sinks)).astype(jnp.float32)
         keep_prob = jnp.exp(log_keep)
         mean_keep = jnp.sum(keep_prob * prunable) / jnp.maximum(jnp.sum(prunable), 1.0)
@@ -180,4 +179,4 @@ class TokenPruner(nn.Module):
         self.sow("intermediates", "loss_pruning_keep", weight * (mean_keep - pc.target_keep_ratio) ** 2)
         self.sow("intermediates", "pruning_keep_ratio", mean_keep)
         self.sow("intermediates", "tokens_kept", jnp.sum(keep_prob * mask.kv_valid, dtype=jnp.float32))
-        return mask.replace(kv_log_keep=log_keep), carry
+        return mask.replace(kv_log_keep=log_keep), state

@@ -17,11 +17,12 @@ from ling_jax.layers import depth as depth_lib
 from ling_jax.layers.attention import Attention, AttentionMask
 from ling_jax.layers.basics import RMSNorm, apply_rope
 from ling_jax.layers.depth_exit import margin_confidence, saturation_confidence, threshold_at
-from ling_jax.layers.depth_mod import compact_mask, expand_carry, expand_mask, topk_selection
+from ling_jax.layers.depth_mod import compact_mask, expand_mask, topk_selection
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, init_params
 from ling_jax.routing import capacity_for, selection_indices
 from ling_jax.testing import assert_close
+from ling_jax.token_state import TokenState
 
 B, T = 2, 24
 BASE = get_preset("cpu-tiny").model  # 2 layers
@@ -381,8 +382,9 @@ def test_compaction_round_trip_keeps_unselected_entries():
     np.testing.assert_array_equal(np.asarray(small.q_positions[0]), [0, 2])
     back = expand_mask(small.replace(kv_keep=jnp.zeros((2, 2), bool)), idx, valid, mask)
     np.testing.assert_array_equal(np.asarray(back.kv_keep), ~np.asarray(selected))
-    carry = expand_carry({"new": jnp.full((2, 2), 3.0)}, {}, idx, valid, 2, 5)
-    np.testing.assert_array_equal(np.asarray(carry["new"]), np.where(np.asarray(selected), 3.0, 0.0))
+    # A per-token field the block created: the other tokens get its fill value (priority 0).
+    state = TokenState().scatter(TokenState(prune_priority=jnp.full((2, 2), 3.0)), idx, valid, 5)
+    np.testing.assert_array_equal(np.asarray(state.prune_priority), np.where(np.asarray(selected), 3.0, 0.0))
     with pytest.raises(ValueError, match="self-attention mask"):
         compact_mask(mask.replace(kv_positions=jnp.zeros((2, 3), int)), idx, valid)
 
@@ -474,14 +476,3 @@ def test_mod_with_budget_pruning_carries_the_expiry_into_the_routed_block(params
     assert_close(out, ref)
     out, _ = apply_fn(with_mod(mod_capacity=0.5), ("intermediates",))(p, tokens)
     assert out.shape == (B, T, BASE.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
-
-
-def test_pruning_compaction_with_adaptive_depth_is_refused_clearly(tokens):
-    from ling_jax.config import PruningConfig
-
-    cfg = dataclasses.replace(make_cfg(mod_enabled=True, mod_layers="1"), pruning=PruningConfig(
-        enabled=True, layers="0", mode="hard", inference_rule="budget", budget=8, window=2, compaction=True))
-    model = Transformer(cfg)
-    with pytest.raises(ValueError, match=r"pruning compaction is not combined with adaptive depth.*"
-                                         r"model.pruning.compaction=false.*model.depth.mod_enabled=false"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))

@@ -21,6 +21,7 @@ from ling_jax.layers.pruning_baselines import random_priority
 from ling_jax.ledger import ledger_from_intermediates, token_reduction_factor
 from ling_jax.model import Transformer, init_params
 from ling_jax.testing import assert_close
+from ling_jax.token_state import TokenState
 
 B, T = 2, 40
 BASE = get_preset("cpu-tiny").model  # 2 layers, d_model 64
@@ -283,12 +284,13 @@ def test_budget_expiry_matches_brute_force(seed, k, window, sinks, ties):
 # ----------------------------------------------------------------------------- baselines (acceptance 2)
 
 
-def visible_to_last_query(cfg, params, tokens, **carry):
+def visible_to_last_query(cfg, params, tokens, oracle=None):
     """Positions the last query of row 0 can see at the top layer (via the cache a prefill holds)."""
     model = Transformer(cfg)
-    op = {kv_cache.CACHE_OP: kv_cache.PREFILL, kv_cache.CACHE_SLOTS: tokens.shape[1]}
-    run = jax.jit(lambda p, t, c: model.apply({"params": p}, t, carry={**op, **c}, mutable=["cache"]))
-    _, state = run(params, tokens, carry)
+    run = jax.jit(lambda p, t, o: model.apply(
+        {"params": p}, t, state=TokenState(cache_op=kv_cache.PREFILL, cache_slots=tokens.shape[1], oracle=o),
+        mutable=["cache"]))
+    _, state = run(params, tokens, oracle)
     pos = np.asarray(state["cache"][f"block_{cfg.num_layers - 1}"]["attn"]["pos"][0])
     return sorted(int(p) for p in pos if p >= 0)
 
@@ -312,9 +314,9 @@ def test_random_baseline_keeps_exactly_the_budget_and_depends_on_seed(params, to
 
 def test_oracle_baseline_keeps_the_oracle_tokens(params, tokens):
     oracle = jnp.zeros((B, T), bool).at[:, jnp.array([5, 11, 20, 29])].set(True)
-    got = visible_to_last_query(make(**BUDGET, baseline="oracle"), params, tokens, oracle_keep=oracle)
+    got = visible_to_last_query(make(**BUDGET, baseline="oracle"), params, tokens, oracle=oracle)
     assert got == [0, 1, 5, 11, 20, 29, T - 4, T - 3, T - 2, T - 1]  # the 5th slot: the most recent other
-    thr = visible_to_last_query(make(**HARD, baseline="oracle"), params, tokens, oracle_keep=oracle)
+    thr = visible_to_last_query(make(**HARD, baseline="oracle"), params, tokens, oracle=oracle)
     assert thr == [0, 1, 5, 11, 20, 29] + list(range(T - 4, T))  # threshold rule: the oracle set exactly
 
 
