@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from ling_jax import generate_exit
+from ling_jax.cost import forward_cost, xla_flops
 from ling_jax.config import DepthConfig, MoEConfig, PruningConfig, get_preset
 from ling_jax.evaluation import _eval_fn, eval_fn
 from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, token_reduction_factor
 from ling_jax.model import Transformer, init_params
-from ling_jax.policy import as_traced, inference_policy, static_config
+from ling_jax.policy import static_config
 from ling_jax.testing import assert_close
 
 B, T = 2, 64
@@ -72,14 +73,7 @@ def subset(params, cfg):
 
 def run(cfg, params, tokens, **policy):
     """(logits, intermediates, depth decisions, XLA FLOPs) of one compiled forward."""
-    p = subset(params, cfg)
-    pol = as_traced(inference_policy(cfg, **policy))
-    fn = jax.jit(lambda p, t, pol: Transformer(cfg).apply({"params": p}, t, policy=pol,
-                                                           mutable=["intermediates", "depth"]))
-    cost = fn.lower(p, tokens, pol).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    logits, state = fn(p, tokens, pol)
-    return logits, state["intermediates"], state.get("depth", {}), float(cost["flops"])
+    return tuple(forward_cost(cfg, subset(params, cfg), tokens, **policy))
 
 
 def assert_ledger_matches_xla(cfg, inter, xla_flops):
@@ -180,10 +174,9 @@ def test_early_exit_decode_step_ledger_matches_xla(params, tokens, buckets):
                            jnp.ones((B, 1), bool), carry=carry, mutable=["cache", "depth", "intermediates"])
 
     fn = jax.jit(step)
-    cost = fn.lower(p, cache, tokens[:, 0]).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    flops = xla_flops(fn, p, cache, tokens[:, 0])
     _, state = fn(p, cache, tokens[:, 0])
-    computed = assert_ledger_matches_xla(cfg, state["intermediates"], float(cost["flops"]))
+    computed = assert_ledger_matches_xla(cfg, state["intermediates"], flops)
     if buckets == "0":
         kv = ledger_from_intermediates(cfg, state["intermediates"])
         assert kv.count("tokens_computed") == 0 and kv.count("flops_kv_only") > 0
