@@ -25,7 +25,11 @@ and about 90% (``_90``) of the units the mechanism acts on, one compiled forward
 
 Thresholds are call-time (``ling_jax.policy``): each is found by bisection on the row's own
 compiled program (one compilation for the whole search) to hit the target skip fraction.
-``exit_all`` uses exit threshold 0 (every token exits at the first exit point).
+``exit_all`` uses exit threshold 0 (every token exits at the first exit point). The combination
+``combo_{50,90}`` runs every mechanism at its own row's setting of the same level: pruning budget
+with compaction (``combo_*_compaction: false`` when the library refuses compaction with adaptive
+depth: then the same budget, masked), MoD and early exit with the thresholds found for
+``mod_*`` / ``exit_*``, and the zero-compute experts of ``moe_zero_*``.
 
 XLA's static cost analysis prices the largest branch of a conditional (the ``nn.switch`` over
 ``depth.infer_buckets``) and a while loop's body once (the ``sorted`` MoE dispatch's tile loop), so
@@ -218,11 +222,11 @@ def decoder(cfg: ModelConfig, params, batch: int, start: int, steps: int):
             logits, cache, used = one(cache, tok, pos, ones)
             return (cache, jnp.argmax(logits, -1).astype(jnp.int32), pos + 1), used
 
-        _, used = jax.lax.scan(step, (cache, token, position), None, length=steps)
-        return used  # [steps, B]
+        (_, last, _), used = jax.lax.scan(step, (cache, token, position), None, length=steps)
+        return last, used  # the last token keeps the whole scan live; used [steps, B]
 
     token, position = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), start, jnp.int32)
-    used = run(cache, token, position)
+    _, used = run(cache, token, position)
     return (lambda: jax.block_until_ready(run(cache, token, position))), float(jnp.mean(used)) / cfg.num_layers
 
 
@@ -307,8 +311,12 @@ def main(argv=None) -> dict:
         name = spec["name"]
         if "combo" in spec:
             cfg, compacted = combo_config(base, spec, tokens)
-            spec = {**spec, "cfg": cfg, "kind": None, "search": ("exit_threshold", 0.0, 1.0, False)}
+            spec = {**spec, "cfg": cfg, "kind": None}
             out[f"{name}_compaction"] = compacted
+            level = spec["combo"]
+            for src in (f"mod_{level}", f"exit_{level}"):  # each mechanism at its own row's setting
+                if src in results:
+                    spec.setdefault("fixed", {}).update(results[src]["thresholds"])
         cfg = spec["cfg"]
         if cfg not in programs:
             params_of[cfg] = init(cfg)
@@ -321,8 +329,6 @@ def main(argv=None) -> dict:
             lo = max(lo, 1e-7) if geometric else lo
             kind = spec.get("search_kind", spec["kind"]) or "exit"
             level = name.rsplit("_", 1)[-1]
-            if "combo" in spec and f"mod_{level}" in results:  # MoD's threshold of the same level
-                thresholds["mod_threshold"] = results[f"mod_{level}"]["thresholds"]["mod_threshold"]
             measure = lambda v: skip_fraction(kind, cfg, prog.run(**thresholds, **{field: v}), b, t)  # noqa: E731
             thresholds[field] = bisect(measure, TARGETS[level], lo, hi, increasing, a.search_iters, geometric)
         ledger = prog.run(**thresholds)

@@ -33,7 +33,8 @@ def token_capacity(seq_len: int, fraction: Optional[float] = None, *, budget: Op
 
 
 def capacity_for(seq_len: int, fraction: float) -> int:
-    """Static capacity for keeping `fraction` of `seq_len` tokens (at least one): ``token_capacity``."""
+    """Static capacity for keeping `fraction` of `seq_len` tokens (at least one): ``token_capacity``
+    under its older name (the adaptive-depth layers still call it)."""
     return token_capacity(seq_len, fraction)
 
 
@@ -50,13 +51,13 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 def bucket_sizes(seq_len: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
-    """Static capacities for a variable number of selected tokens: ``capacity_for`` of each
+    """Static capacities for a variable number of selected tokens: ``token_capacity`` of each
     fraction (a fraction of 0 is the empty bucket: nothing selected), sorted and deduplicated.
 
     A forward pass picks the smallest bucket that holds the batch's real count
     (:func:`choose_bucket`), so a sequence where few tokens are selected computes few.
     """
-    return tuple(sorted({0 if f == 0 else capacity_for(seq_len, f) for f in fractions}))
+    return tuple(sorted({0 if f == 0 else token_capacity(seq_len, f) for f in fractions}))
 
 
 def choose_bucket(selected: Bool[Array, "B T"], sizes: tuple[int, ...]) -> Int[Array, ""]:
