@@ -8,9 +8,7 @@ each dispatch impl against ONE dense matmul ``x [T, D] @ W [D, 3 F k + X]``, whi
 the MoE's active FLOPs (experts ``6 D F k`` + router ``2 D X`` per token). The figure per impl is
 ``t_dense / t_impl`` (1.0 = as fast as the ideal dense computation of the same FLOPs).
 
-Impls: ``sorted`` (dropless; the CPU path: a tile loop), ``bucketed`` (``sorted`` with
-``bucket=True``: one batched matmul over per-expert buckets of the mean load, the overflow through
-the loop; ``ling_jax/layers/moe_bucketed.py``), ``dense`` (GShard one-hot dispatch, capacity factor
+Impls: ``sorted`` (dropless; the CPU path: a tile loop), ``dense`` (GShard one-hot dispatch, capacity factor
 1.25; skipped where its ``[T, X, C]`` dispatch tensor would exceed ``--dense-limit`` elements),
 ``reference`` (per-expert loop: costs X / k times the active FLOPs; only for X <= ``--reference-max``)
 and ``pallas`` (the grouped-matmul kernel; on CPU it only runs in interpret mode, an emulator, so
@@ -60,7 +58,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ling_jax.layers import moe_routers as routers  # noqa: E402
-from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, expert_capacity  # noqa: E402
+from ling_jax.layers.moe_dispatch import capacity_keep, dispatch  # noqa: E402
+from ling_jax.routing import expert_capacity  # noqa: E402
 
 EXPERTS = (8, 32, 64)
 TOP_KS = (1, 2, 8)
@@ -113,7 +112,6 @@ def bench_config(num_x: int, top_k: int, a) -> dict:
     fns = {"dense_matmul": jax.jit(jnp.matmul), "peak_matmul": jax.jit(jnp.matmul)}
     args = {"dense_matmul": (x, w_dense), "peak_matmul": (x, w_peak)}
     fns["sorted"], args["sorted"] = moe_forward("sorted", top_k, 0.0), moe_args
-    fns["bucketed"], args["bucketed"] = moe_forward("sorted", top_k, 0.0, bucket=True), moe_args
     cap = expert_capacity(t, top_k, num_x, a.capacity_factor)
     if t * num_x * cap <= a.dense_limit:
         fns["dense"], args["dense"] = moe_forward("dense", top_k, a.capacity_factor), moe_args
@@ -129,7 +127,7 @@ def bench_config(num_x: int, top_k: int, a) -> dict:
     wallp, _ = times.pop("peak_matmul")
     flop_ratio = (3 * f * top_k + num_x) / (3 * f)  # active FLOPs / peak-matmul FLOPs
     out = {f"e{num_x}_k{top_k}_dense_matmul_ms": 1e3 * float(np.min(wall0))}
-    for impl in ("sorted", "bucketed", "dense", "reference", "pallas"):
+    for impl in ("sorted", "dense", "reference", "pallas"):
         key = f"e{num_x}_k{top_k}_{impl}"
         if impl not in times:
             out[key] = out[key + "_cpu"] = out[key + "_vs_peak"] = None

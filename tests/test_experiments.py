@@ -143,3 +143,27 @@ def test_train_profile_parts_cover_the_step_shapes():
                  "optimizer", "peak_matmul", "data"):
         assert out[f"profile_{part}_cpu_s"] >= 0 and out[f"profile_{part}_wall_s"] > 0
     assert out["profile_step_share_of_step"] == 1.0
+
+
+def test_bench_realized_smoke(tmp_path):
+    """bench_realized at cpu-tiny dims, one row (compaction) beside dense: every key of a row,
+    provenance, a finite gap, the stated skip fraction."""
+    import math
+
+    from experiments import bench_realized
+
+    path = tmp_path / "bench_realized.json"
+    with fast_compile():
+        bench_realized.main(["--quick", "--preset", "cpu-tiny", "--rows", "prune_budget_compact_50",
+                             "--json", str(path)])
+    data = json.loads(path.read_text())
+    for row in ("dense", "prune_budget_compact_50"):
+        for key in ("prefill_xla_flops", "prefill_ledger_computed", "prefill_ledger_ideal", "time_vs_dense",
+                    "decode_time_vs_dense", "skip_fraction", "computed_skip_fraction", "xla_exact"):
+            assert f"{row}_{key}" in data, f"{row}_{key}"
+    for key in ("command", "git_revision", "config", "wall_s", "min_time_fraction_of_computed"):
+        assert key in data
+    assert math.isfinite(data["max_ledger_xla_gap"]) and data["max_ledger_xla_gap"] >= 0
+    assert data["prune_budget_compact_50_skip_fraction"] == 0.5  # budget T/2: half the tokens compacted away
+    assert data["prune_budget_compact_50_prefill_ledger_computed"] < data["dense_prefill_ledger_computed"]
+    assert data["prune_budget_compact_50_decode_time_vs_dense"] > 0

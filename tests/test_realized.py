@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ling_jax import generate_exit
+from ling_jax.cost import compile_cost, forward_program, xla_flops
 from ling_jax.config import DepthConfig, MoEConfig, PruningConfig, get_preset
 from ling_jax.evaluation import _eval_fn, eval_fn
 from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, token_reduction_factor
@@ -84,23 +85,17 @@ def run(cfg, params, tokens, *, fast=False, **policy):
     dead-code elimination XLA's count is not the optimized program's)."""
     p = subset(params, cfg)
     pol = as_traced(inference_policy(cfg, **policy))
-    compiled, flops = _compiled(cfg, fast, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
-    logits, state = compiled(p, tokens, pol)
-    return logits, state["intermediates"], state.get("depth", {}), flops
+    compiled = _compiled(cfg, fast, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
+    logits, state = compiled.executable(p, tokens, pol)
+    return logits, state["intermediates"], state.get("depth", {}), compiled.xla_flops
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(cfg, fast, tokens):
     """One compilation per (config, mode, token shape), shared by the tests (thresholds are traced)."""
     p = jax.eval_shape(lambda: nn.meta.unbox(init_params(Transformer(cfg), jax.random.key(0))))
-    pol = as_traced(inference_policy(cfg))
-    fn = jax.jit(lambda p, t, pol: Transformer(cfg).apply({"params": p}, t, policy=pol,
-                                                           mutable=["intermediates", "depth"]))
     with fast_compile() if fast else contextlib.nullcontext():
-        compiled = fn.lower(p, tokens, pol).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return compiled, float(cost["flops"])
+        return compile_cost(forward_program(cfg), p, tokens, as_traced(inference_policy(cfg)))
 
 
 def assert_ledger_matches_xla(cfg, inter, xla_flops):
@@ -204,16 +199,14 @@ def test_early_exit_decode_step_ledger_matches_xla(params, tokens, buckets):
     from ling_jax.layers import kv_cache
 
     def step(p, cache, tok):
-
         return model.apply({"params": p, "cache": cache}, tok[:, None], jnp.zeros((B, 1), jnp.int32),
                            jnp.ones((B, 1), bool), state=TokenState(cache_op=kv_cache.DECODE),
                            mutable=["cache", "depth", "intermediates"])
 
     fn = jax.jit(step)
-    cost = fn.lower(p, cache, tokens[:, 0]).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    flops = xla_flops(fn, p, cache, tokens[:, 0])
     _, state = fn(p, cache, tokens[:, 0])
-    computed = assert_ledger_matches_xla(cfg, state["intermediates"], float(cost["flops"]))
+    computed = assert_ledger_matches_xla(cfg, state["intermediates"], flops)
     if buckets == "0":
         kv = ledger_from_intermediates(cfg, state["intermediates"])
         assert kv.count("tokens_computed") == 0 and kv.count("flops_kv_only") > 0

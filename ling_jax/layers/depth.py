@@ -56,7 +56,7 @@ from ling_jax.layers.depth_mod import (
 from ling_jax.ledger import sown_total
 from ling_jax.policy import InferencePolicy, policy_of
 from ling_jax.routing import (
-    bucket_sizes, capacity_for, choose_bucket, compact, expand, selection_indices, within_capacity,
+    bucket_sizes, token_capacity, choose_bucket, compact, expand, selection_indices, within_capacity,
 )
 from ling_jax.token_state import TokenState
 
@@ -170,7 +170,7 @@ class DepthLayer(nn.Module):
         self.sow("intermediates", "loss_mod_predictor",
                  weight * predictor_bce(predictor, jax.lax.stop_gradient(topk), valid))
         x, mask, state = _run_routed(cfg, block, x, mask, state, topk, jax.nn.sigmoid(scores),
-                                     capacity_for(x.shape[1], depth.mod_capacity), exited if exiting else None)
+                                     token_capacity(x.shape[1], depth.mod_capacity), exited if exiting else None)
         return x, mask, state, topk & ~exited
 
     def _exit_train(self, head, x, mask, own, exited, targets, loss_mask):
@@ -296,7 +296,7 @@ def _routed_infer(model, i, x, mask: AttentionMask, state: TokenState, exited: O
     valid = mask.q_valid
     scores, predictor, topk = layer.route(x, valid, policy)
     if depth.mod_inference == "topk":
-        routed, sizes = topk, (capacity_for(t, depth.mod_capacity),)
+        routed, sizes = topk, (token_capacity(t, depth.mod_capacity),)
     else:
         routed = causal_selection(cfg, scores, predictor, policy) & valid
         sizes = _infer_buckets(cfg, t, with_empty=False)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import DepthConfig, ModelConfig
+from ling_jax.routing import top_k_values
 
 
 def exit_points(cfg: ModelConfig) -> tuple[int, ...]:
@@ -30,7 +31,7 @@ def exit_points(cfg: ModelConfig) -> tuple[int, ...]:
 def margin_confidence(logits: Float[Array, "B T V"]) -> Float[Array, "B T"]:
     """Top-1 minus top-2 softmax probability, in [0, 1]."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top2 = jax.lax.top_k(probs, 2)[0]  # [B, T, 2]
+    top2 = top_k_values(probs, 2)  # [B, T, 2]
     return top2[..., 0] - top2[..., 1]
 
 
@@ -39,7 +40,7 @@ def softmax_features(logits: Float[Array, "B T V"]) -> Float[Array, "B T 3"]:
     top-2 margin, and entropy / log V."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     probs = jnp.exp(logp)
-    top2 = jax.lax.top_k(probs, 2)[0]  # [B, T, 2]
+    top2 = top_k_values(probs, 2)  # [B, T, 2]
     entropy = -jnp.sum(probs * logp, axis=-1) / jnp.log(logits.shape[-1])
     return jnp.stack([top2[..., 0], top2[..., 0] - top2[..., 1], entropy], axis=-1)
 

@@ -26,7 +26,7 @@ from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.basics import dense_init, param_with_axes
 from ling_jax.policy import InferencePolicy
-from ling_jax.routing import capacity_for, compact, expand, top_k_mask
+from ling_jax.routing import token_capacity, compact, expand, top_k_mask
 from ling_jax.token_state import TokenState
 
 
@@ -90,7 +90,7 @@ def router_flops_per_token(cfg: ModelConfig) -> float:
 
 def topk_selection(scores: Float[Array, "B T"], capacity: float, valid: Bool[Array, "B T"]) -> tuple[Bool[Array, "B T"], int]:
     """Top ``capacity`` fraction of each row's valid tokens by score, and the static capacity C."""
-    c = capacity_for(scores.shape[1], capacity)
+    c = token_capacity(scores.shape[1], capacity)
     return top_k_mask(scores, c, valid), c
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.routing import top_k_indices
 from ling_jax.token_state import DECODE, PREFILL  # noqa: F401  (the token state's cache operations)
 
 EMPTY = -1
@@ -161,7 +162,7 @@ def from_sequence(
         k, v, positions, held = pad(k, 0), pad(v, 0), pad(positions, EMPTY), pad(held, False)
         rank, score, keep = pad(rank, 0.0), pad(score, 0.0), pad(keep, True)
     key = jnp.where(held, rank, -jnp.inf)
-    _, idx = jax.lax.top_k(key, slots)  # [B, S]
+    idx = top_k_indices(key, slots)  # [B, S]
     take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
     is_held = take(held)
     return {"k": take(k), "v": take(v), "pos": jnp.where(is_held, take(positions), EMPTY),

@@ -45,7 +45,8 @@ from jaxtyping import Array, Bool, Float
 from ling_jax.config import ModelConfig, MoEConfig
 from ling_jax.layers import moe_routers as routers
 from ling_jax.layers.basics import MLP, compute_dtype, dense_init, param_with_axes
-from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, expert_capacity, resolve_impl
+from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, resolve_impl
+from ling_jax.routing import expert_capacity
 
 BIAS_COLLECTION = "moe_bias"
 

@@ -26,15 +26,14 @@ and the shared experts). ``capacity_factor == 0`` is dropless.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ling_jax.layers.moe_bucketed import bucketed_swiglu
 from ling_jax.layers.moe_sorted import grouped_swiglu
-from ling_jax.routing import sort_by_group
+from ling_jax.routing import expert_capacity, group_starts, rank_in_group, sort_by_group
+
+__all__ = ["IMPLS", "capacity_keep", "dispatch", "expert_capacity", "resolve_impl"]
 
 IMPLS = ("reference", "dense", "sorted", "pallas", "auto")
 F32 = jnp.float32
@@ -47,18 +46,6 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         return "pallas" if jax.default_backend() in ("tpu", "gpu") else "sorted"
     return impl
-
-
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Assignments one expert accepts: ``ceil(cf * N * k / X)`` in [1, N]; cf == 0: N (dropless).
-
-    A token picks each expert at most once, so N slots can never overflow.
-    """
-    if capacity_factor < 0:
-        raise ValueError(f"capacity_factor must be >= 0 (0 = dropless), got {capacity_factor}")
-    if capacity_factor == 0:
-        return max(num_tokens, 1)
-    return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
 def _priority_ids(ids: Int[Array, "N K"], active: Bool[Array, "N K"], num_experts: int) -> Int[Array, " KN"]:
@@ -74,9 +61,7 @@ def capacity_keep(
     if capacity >= n:
         return active  # nothing can overflow
     gid = _priority_ids(ids, active, num_experts)  # [K*N]
-    order, inverse, sizes = sort_by_group(gid, num_experts + 1)
-    starts = jnp.cumsum(sizes) - sizes  # [X + 1]
-    rank = inverse - starts[gid]  # [K*N] position within the expert, in priority order
+    rank, _, _ = rank_in_group(gid, num_experts + 1)  # [K*N] position within the expert, in priority order
     keep = (gid < num_experts) & (rank < capacity)
     return keep.reshape(k, n).T  # [N, K]
 
@@ -102,10 +87,9 @@ def dense_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, capacity: i
     n, k = ids.shape
     num_experts = w_gate.shape[0]
     gid = _priority_ids(ids, active, num_experts)  # [K*N] priority order
-    onehot = jax.nn.one_hot(gid, num_experts, dtype=jnp.int32)  # [K*N, X]; inactive rows are 0
-    pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # [K*N] slot in the expert
+    pos, _, _ = rank_in_group(gid, num_experts + 1)  # [K*N] slot in the expert
     slot = jax.nn.one_hot(pos, capacity, dtype=F32) * (gid < num_experts)[:, None]  # [K*N, C]
-    onehot = onehot.astype(F32).reshape(k, n, num_experts)  # [K, N, X]
+    onehot = jax.nn.one_hot(gid, num_experts, dtype=F32).reshape(k, n, num_experts)  # [K, N, X]; inactive rows 0
     slot = slot.reshape(k, n, capacity)  # [K, N, C]
     dispatch = jnp.einsum("knx,knc->nxc", onehot, slot)  # [N, X, C] 0/1
     w = jnp.where(active, weights, 0.0).T  # [K, N]
@@ -122,22 +106,16 @@ def _sorted_rows(ids, weights, active, num_experts):
     gid = jnp.where(active, ids, num_experts).reshape(-1)  # [N*K] token-major; inactive -> group X
     order, _, sizes = sort_by_group(gid, num_experts + 1)
     sizes = sizes[:num_experts]  # [X]; group X (inactive) sorts last and is never computed
-    starts = jnp.cumsum(sizes) - sizes
+    starts = group_starts(sizes)
     tokens = order // k  # [N*K]
     w = jnp.where(active, weights, 0.0).reshape(-1)[order]  # [N*K]
     return tokens, w, starts, sizes
 
 
-def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, contiguous=None, bucket=False):
+def sorted_dispatch(x, ids, weights, active, w_gate, w_up, w_down, *, tiles=None, contiguous=None):
     """Sorted rows through the fused gather-SwiGLU-scatter loop (`grouped_swiglu`, options ``tiles``,
-    ``contiguous``), or with ``bucket=True`` through the bucketed batched SwiGLU (`bucketed_swiglu`:
-    one batched matmul over experts, the overflow through the loop). The loop stays the default:
-    measured by CPU time on a loaded 2-core machine the bucket does less useful work per CPU-second
-    (0.61 vs 0.73 of a dense matmul at 64 experts of 256, top-1); its possible gain, using every
-    core, needs an idle machine to measure (``bench_moe.py`` times both)."""
+    ``contiguous``)."""
     tokens, w, starts, sizes = _sorted_rows(ids, weights, active, w_gate.shape[0])
-    if bucket:
-        return bucketed_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down)
     return grouped_swiglu(x, tokens, w, starts, sizes, w_gate, w_up, w_down, tiles=tiles, contiguous=contiguous)
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from ling_jax.routing import sort_by_group
+from ling_jax.routing import expert_capacity, rank_in_group, sort_by_group
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 BATCH_AXES = ("data", "fsdp", "expert")  # as ling_jax.sharding.BATCH_AXES (kept import-free)
@@ -39,11 +39,6 @@ def expert_mesh() -> Optional[jax.sharding.AbstractMesh]:
     if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
         return None
     return mesh
-
-
-def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert for `tokens` tokens of one device (at most `tokens`: a token picks an expert once)."""
-    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
 
 
 def _swiglu(x, w_gate, w_up, w_down, dtype):
@@ -79,9 +74,7 @@ def _capacity_shard(x, ids, weights, w_gate, w_up, w_down, *, num_experts, cap, 
     xs = x.reshape(n, e)  # [n, E]
     gid = ids.reshape(n, k).T.reshape(-1)  # [K*n] k-major: every token's first choice is served first
     gid = jnp.where((gid >= 0) & (gid < num_experts), gid, num_experts)  # no-expert / zero experts: group X
-    _, inverse, sizes = sort_by_group(gid, num_experts + 1)  # stable: priority order within an expert
-    starts = jnp.cumsum(sizes) - sizes  # [X + 1]
-    pos = inverse - starts[gid]  # [K*n] slot of each assignment within its expert
+    pos, _, _ = rank_in_group(gid, num_experts + 1)  # [K*n] slot within its expert, in priority order
     kept = (gid < num_experts) & (pos < cap)
     slot = jnp.where(kept, gid * cap + pos, num_experts * cap)  # out of range -> dropped
     token = jnp.tile(jnp.arange(n), k)  # [K*n]
@@ -174,7 +167,7 @@ def expert_parallel_ffn(
         raise ValueError(f"batch {x.shape[0]} cannot be split over {BATCH_AXES} = {batch_shards} devices")
     tokens_per_device = x.shape[0] // batch_shards * x.shape[1]
     if capacity_factor > 0:
-        cap = capacity(tokens_per_device, expert_ids.shape[-1], num_experts, capacity_factor)
+        cap = expert_capacity(tokens_per_device, expert_ids.shape[-1], num_experts, capacity_factor)
         body = lambda *a: _capacity_shard(*a, num_experts=num_experts, cap=cap, dtype=dtype)  # noqa: E731
         check_vma = True
     else:

@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import AttentionMask
-from ling_jax.routing import compact, expand, selection_indices
+from ling_jax.routing import compact, expand, selection_indices, token_capacity
 from ling_jax.token_state import TokenState
 
 
@@ -53,7 +53,7 @@ def compact_after_block(
     else:  # freeze the tokens dropped now at their current state
         record = record.replace(full=expand(x, record.index, record.valid, record.full),
                                 full_state=record.full_state.scatter(state, record.index, record.valid, record.full.shape[1]))
-    capacity = min(t, config.pruning.budget)
+    capacity = token_capacity(t, budget=config.pruning.budget)
     local, local_valid = selection_indices(select & mask.q_valid, capacity)  # [B, C] each
     x = compact(x, local)  # [B, C, E]
     mask = mask.gather(local, local_valid)

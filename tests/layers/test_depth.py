@@ -20,7 +20,7 @@ from ling_jax.layers.depth_exit import margin_confidence, saturation_confidence,
 from ling_jax.layers.depth_mod import compact_mask, expand_mask, topk_selection
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, init_params
-from ling_jax.routing import capacity_for, selection_indices
+from ling_jax.routing import token_capacity, selection_indices
 from ling_jax.testing import assert_close
 from ling_jax.token_state import TokenState
 
@@ -112,7 +112,7 @@ def mod_quarter():
 def test_routed_block_runs_on_capacity_tokens(params, tokens, mod_quarter):
     _, state = apply_fn(mod_quarter)(params, tokens)
     ledger = ledger_from_intermediates(mod_quarter, state["intermediates"])
-    c = capacity_for(T, 0.25)
+    c = token_capacity(T, 0.25)
     assert ledger.counts["block_1"]["tokens_computed"] == B * c
     assert ledger.counts["block_1"]["mlp_tokens"] == B * c
     assert ledger.counts["block_1"]["attn_pairs_computed"] == B * c * c

@@ -21,7 +21,6 @@ from ling_jax.layers import moe_routers as routers
 from ling_jax.layers.basics import MLP
 from ling_jax.layers.moe import MoE, update_router_bias
 from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, expert_capacity, resolve_impl
-from ling_jax.layers.moe_bucketed import bucket_capacity, bucketed_swiglu
 from ling_jax.layers.moe_sorted import grouped_swiglu, pick_tiles
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.testing import assert_close
@@ -84,29 +83,6 @@ def test_dispatch_matches_reference(impl, dtype, routing):
     assert_close(grads, grads_ref, dtype=dtype, kind="grad")
     if not bool(active.any()):
         assert float(jnp.abs(y).max()) == 0.0
-
-
-@settings(max_examples=8, deadline=None)
-@given(routing=routings())
-def test_bucketed_sorted_kernel_matches_reference(routing):
-    """Buckets of the mean load plus the loop for the overflow (one_expert sends almost every row
-    there, empty_experts leaves buckets padded): the reference's values and gradients."""
-    ids, weights, active = routing
-    x, wg, wu, wd = _expert_weights(jnp.float32)
-    (_, y), grads = _dispatch_grad("sorted", bucket=True)(x, weights, wg, wu, wd, ids, active)
-    (_, y_ref), grads_ref = _dispatch_grad("reference")(x, weights, wg, wu, wd, ids, active)
-    assert_close(y, y_ref)
-    assert_close(grads, grads_ref, kind="grad")
-
-
-def test_bucket_capacity_and_overflow_split():
-    assert bucket_capacity(8192, 64) == 128 and bucket_capacity(100, 8) == 16 and bucket_capacity(0, 4) == 8
-    x, wg, wu, wd = _expert_weights(jnp.float32)
-    tokens, w = jnp.arange(N, dtype=jnp.int32), jnp.linspace(0.5, 1.5, N)
-    starts, sizes = jnp.array([0, 20, 20, 22]), jnp.array([20, 0, 2, 2])  # expert 0 overflows a bucket of 8
-    for cap in (1, 8, 24):
-        out = bucketed_swiglu(x, tokens, w, starts, sizes, wg, wu, wd, capacity=cap)
-        assert_close(out, grouped_swiglu(x, tokens, w, starts, sizes, wg, wu, wd, tiles=8))
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["pregathered", "gather_per_tile"])
