@@ -3,7 +3,7 @@
 Layers ``sow`` counts into the ``intermediates`` collection; this module multiplies them by the
 cost of one unit of work. Count names (summed over the batch):
 
-``tokens_computed``      tokens through the attention projections (Q, K, V, O)
+``tokens_computed``      tokens through the attention projections (Q, K, V, O; MLA: its low-rank ones)
 ``attn_pairs_computed``  (query, key) pairs the attention implementation actually evaluated
 ``attn_pairs_visible``   pairs with a visible key: what an ideal sparse kernel evaluates
 ``mlp_tokens``           tokens through a dense SwiGLU MLP
@@ -32,11 +32,11 @@ from ling_jax.config import ModelConfig
 
 def unit_flops(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs of one unit of each recorded count (a multiply-add is 2 FLOPs)."""
-    e, h, hkv, d, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.vocab_size
+    e, h, v = cfg.d_model, cfg.num_heads, cfg.vocab_size
     expert_dim = cfg.moe.expert_dim or cfg.mlp_dim
     return {
-        "tokens_computed": 2.0 * e * (2 * h * d + 2 * hkv * d),
-        "attn_pairs": 4.0 * h * d,
+        "tokens_computed": _query_flops(cfg) + kv_flops_per_token(cfg) + 2.0 * h * _head_dims(cfg)[1] * e,
+        "attn_pairs": 2.0 * h * sum(_head_dims(cfg)),  # q.k and p.v
         "mlp_tokens": 6.0 * e * cfg.mlp_dim,
         "expert_evals": 6.0 * e * expert_dim,
         "shared_evals": 6.0 * e * expert_dim,
@@ -45,8 +45,28 @@ def unit_flops(cfg: ModelConfig) -> dict[str, float]:
     }
 
 
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(query/key head size, value head size)."""
+    if cfg.attention == "mla":
+        return cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    return cfg.resolved_head_dim, cfg.resolved_head_dim
+
+
+def _query_flops(cfg: ModelConfig) -> float:
+    """FLOPs of the query projection of one token (MLA: through the q_lora_rank bottleneck)."""
+    e, h, dqk = cfg.d_model, cfg.num_heads, _head_dims(cfg)[0]
+    if cfg.attention == "mla" and cfg.mla.q_lora_rank:
+        return 2.0 * cfg.mla.q_lora_rank * (e + h * dqk)
+    return 2.0 * e * h * dqk
+
+
 def kv_flops_per_token(cfg: ModelConfig) -> float:
-    """FLOPs of the key and value projections of one token (part of ``tokens_computed``)."""
+    """FLOPs of the key and value projections of one token (part of ``tokens_computed``).
+    MLA: the latent down-projection (with the shared rotary key) and the per-head up-projection."""
+    if cfg.attention == "mla":
+        m = cfg.mla
+        return 2.0 * (cfg.d_model * (m.kv_lora_rank + m.qk_rope_head_dim)
+                      + m.kv_lora_rank * cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim))
     return 2.0 * cfg.d_model * 2 * cfg.num_kv_heads * cfg.resolved_head_dim
 
 

@@ -180,10 +180,15 @@ def attend(
         kv_mask = mask.kv_valid
         if mask.kv_keep is not None:
             kv_mask = kv_mask & (mask.kv_keep | (mask.kv_positions < mask.num_sinks))
-        return block_sparse_attention(
-            q, k, v, q_mask=mask.q_valid, kv_mask=kv_mask, causal=mask.causal,
-            window=mask.window if mask.kv_keep is not None else 0, impl="pallas",
+        # The kernel takes one head size: pad the smaller of qk / v (MLA) with zeros, slice after.
+        dqk, dv = q.shape[-1], v.shape[-1]
+        pad = lambda a, n: jnp.pad(a, [(0, 0)] * 3 + [(0, n - a.shape[-1])])  # noqa: E731
+        dp = max(dqk, dv)
+        out = block_sparse_attention(
+            pad(q, dp), pad(k, dp), pad(v, dp), q_mask=mask.q_valid, kv_mask=kv_mask, causal=mask.causal,
+            window=mask.window if mask.kv_keep is not None else 0, impl="pallas", sm_scale=dqk**-0.5,
         )
+        return out[..., :dv]  # [B, Tq, H, Dv]
     dense_mask, bias = mask.dense()
     fn = reference_attention if impl == "reference" else xla_attention
     return fn(q, k, v, dense_mask, bias)
