@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from ling_jax.config import ModelConfig
 
@@ -70,15 +71,18 @@ def kv_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * cfg.d_model * 2 * cfg.num_kv_heads * cfg.resolved_head_dim
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
-    out = {}
-    for key, value in tree.items():
-        path = prefix + (key,)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:  # sown values are tuples of scalars (one per call)
-            out[path] = float(sum(np.asarray(jax.device_get(x), dtype=np.float64).sum() for x in value))
-    return out
+def sown(intermediates: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
+    """Every sown entry of an ``intermediates`` tree by its module path: ``{("block_0", "attn",
+    "kv_entries"): (value per call, ...)}`` (``flax.traverse_util.flatten_dict``). The one walker of
+    sown statistics: the ledger, evaluation, training losses and router-bias updates read through it.
+    Works on host values and on tracers inside ``jit``."""
+    return traverse_util.flatten_dict(intermediates)
+
+
+def _flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], float]:
+    """Each sown entry summed over its calls, on the host in float64."""
+    return {path: float(sum(np.asarray(jax.device_get(x), dtype=np.float64).sum() for x in values))
+            for path, values in sown(tree).items()}
 
 
 def sown_total(intermediates: Mapping[str, Any], name: str) -> float:
