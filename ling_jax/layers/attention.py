@@ -156,6 +156,23 @@ def xla_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)  # [B, Tq, H, D]
 
 
+def dpa_attention(
+    q: Float[Array, "B Tq H D"],
+    k: Float[Array, "B Tk Hkv D"],
+    v: Float[Array, "B Tk Hkv D"],
+    mask: Bool[Array, "B Tq Tk"],
+    bias: Optional[Float[Array, "B Tq Tk"]] = None,
+) -> Float[Array, "B Tq H D"]:
+    """``jax.nn.dot_product_attention`` (XLA implementation; GQA, boolean mask and additive bias);
+    rows with no visible key are zeroed, as in :func:`reference_attention`. Measured beside
+    :func:`xla_attention` (``experiments/bench_attention_xla.py``), not the ``xla`` path: see there.
+    It needs value heads of the query/key size (MLA's are not)."""
+    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None].astype(q.dtype),
+                                       mask=mask[:, None], scale=q.shape[-1] ** -0.5, implementation="xla")
+    row_any = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Tq, 1, 1]
+    return jnp.where(row_any, out, 0.0).astype(v.dtype)  # [B, Tq, H, D]
+
+
 def attend(
     q: Float[Array, "B Tq H D"],
     k: Float[Array, "B Tk Hkv D"],
