@@ -114,3 +114,14 @@ def test_bad_configs_are_refused(changes, match):
         dataclasses.replace(CFG, **changes)
     with pytest.raises(ConfigError, match="MLAConfig.v_head_dim must be >= 0"):
         MLAConfig(v_head_dim=-1)
+
+
+def test_every_mla_parameter_has_a_sharding_rule():
+    from ling_jax.config import Config, TrainConfig
+    from ling_jax.sharding import logical_state_specs, partition_table, unruled_names
+
+    config = Config(model=CFG, train=TrainConfig(batch_size=2, seq_len=16))
+    assert unruled_names(logical_state_specs(config)) == set()
+    table = partition_table(config)
+    names = [n for n in table if "block_0" in n and "attn" in n]
+    assert any("wkv_b" in n for n in names) and any("q_a_norm" in n for n in names), names
