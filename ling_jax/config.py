@@ -341,6 +341,35 @@ class RopeScalingConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3; ``ModelConfig.attention="mla"``, see
+    ``ling_jax.layers.mla``): queries through a rank-``q_lora_rank`` bottleneck (0: one plain
+    projection), keys and values up-projected from a shared rank-``kv_lora_rank`` latent, each head's
+    query/key split into ``qk_nope_head_dim`` dims without RoPE and ``qk_rope_head_dim`` rotary dims
+    (the key's rotary part shared by all heads), values of ``v_head_dim``. The softmax scale is
+    ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, times ``(0.1 * mscale_all_dim * ln(factor) + 1) ** 2``
+    when ``mscale_all_dim > 0`` and ``ModelConfig.rope_scaling`` has a ``factor > 1`` (DeepSeek's YaRN)."""
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        _non_negative(self, "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"MLAConfig.{name} must be an integer, got {getattr(self, name)!r}")
+        _non_negative(self, "mscale_all_dim")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 128
@@ -363,6 +392,8 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     qk_norm: str = "none"  # none | head (RMSNorm per head before RoPE: Qwen3) | full (over all heads: OLMoE)
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attention: str = "mha"  # mha (grouped-query) | mla (multi-head latent attention, DeepSeek-V3; dims in ``mla``)
+    mla: MLAConfig = field(default_factory=MLAConfig)
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len")
@@ -383,8 +414,31 @@ class ModelConfig:
         if self.resolved_head_dim % 2:
             raise ConfigError(f"ModelConfig head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
         _positive_float(self, "rope_base", "norm_eps")
+        self._check_attention()
         # Resolve layer selections now so a bad one fails at construction time.
         self.pruning_layers, self.moe_layers, self.mod_layers, self.exit_layers  # noqa: B018
+
+    def _check_attention(self) -> None:
+        _one_of(self, "attention", ("mha", "mla"))
+        m = self.mla
+        if self.attention == "mha":
+            if m != MLAConfig():
+                raise ConfigError("ModelConfig.mla is set but ModelConfig.attention is 'mha': set attention='mla' "
+                                  "to use multi-head latent attention")
+            return
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"ModelConfig.mla.{name} must be a positive integer with attention='mla', "
+                                  f"got {getattr(m, name)!r}")
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError(f"ModelConfig.mla.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for rotary embeddings")
+        if self.num_kv_heads != self.num_heads:
+            raise ConfigError(f"attention='mla' gives every head its own keys and values: ModelConfig.num_kv_heads "
+                              f"({self.num_kv_heads}) must equal num_heads ({self.num_heads})")
+        for name, off in (("qkv_bias", False), ("qk_norm", "none")):
+            if getattr(self, name) != off:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not supported with attention='mla' "
+                                  f"(allowed: {off!r})")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -747,6 +801,8 @@ def _pretrained_signature(model: ModelConfig) -> dict:
     """Parameter-tree knobs of imported architectures, listed only when on (older workdirs still match)."""
     out = {name: getattr(model, name) for name, off in (("qkv_bias", False), ("qk_norm", "none"))
            if getattr(model, name) != off}
+    if model.attention != "mha":
+        out |= {"attention": model.attention, "mla": dataclasses.asdict(model.mla)}
     if model.moe.enabled:
         out |= {f"moe.{name}": True for name in ("routing_bias", "shared_gate") if getattr(model.moe, name)}
     return out

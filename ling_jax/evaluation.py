@@ -16,9 +16,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ling_jax.config import ModelConfig
-from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, sown_total
+from ling_jax.ledger import dense_forward_flops, ledger_from_intermediates, sown, sown_total
 from ling_jax.model import Transformer, forward_with_stats
 from ling_jax.policy import as_traced, inference_policy, static_config
 from ling_jax.token_state import TokenState
@@ -59,8 +60,7 @@ def _eval_fn(cfg: ModelConfig) -> Callable:
     def f(variables, batch, policy):
         logits, inter = forward_with_stats(model, variables, batch["inputs"], state=_state_for(cfg, batch["oracle_mask"]),
                                            policy=policy)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])  # [B, T]
         mask = batch["loss_mask"]
         correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask
         return {"nll_sum": jnp.sum(nll * mask), "count": jnp.sum(mask), "correct": jnp.sum(correct)}, inter
@@ -75,8 +75,7 @@ def _teacher_forced_fn(cfg: ModelConfig) -> Callable:
 
     def f(variables, batch):
         logits = teacher_forced_decode(cfg, variables["params"], batch["inputs"], oracle=batch["oracle_mask"])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
         mask = batch["loss_mask"]
         correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask
         return {"nll_sum": jnp.sum(nll * mask), "count": jnp.sum(mask), "correct": jnp.sum(correct)}
@@ -86,13 +85,8 @@ def _teacher_forced_fn(cfg: ModelConfig) -> Callable:
 
 def _values(tree: Mapping[str, Any], name: str) -> list[float]:
     """Every sown scalar called ``name`` anywhere in the tree (one per layer and call)."""
-    out: list[float] = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _values(value, name)
-        elif key == name:
-            out += [float(np.asarray(jax.device_get(v), np.float64).mean()) for v in value]
-    return out
+    return [float(np.asarray(jax.device_get(v), np.float64).mean())
+            for path, values in sown(tree).items() if path[-1] == name for v in values]
 
 
 def evaluate(cfg: ModelConfig, variables: dict, batches: Sequence[dict], metric: str, *, decode: bool = False,

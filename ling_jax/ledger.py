@@ -3,7 +3,7 @@
 Layers ``sow`` counts into the ``intermediates`` collection; this module multiplies them by the
 cost of one unit of work. Count names (summed over the batch):
 
-``tokens_computed``      tokens through the attention projections (Q, K, V, O)
+``tokens_computed``      tokens through the attention projections (Q, K, V, O; MLA: its low-rank ones)
 ``attn_pairs_computed``  (query, key) pairs the attention implementation actually evaluated
 ``attn_pairs_visible``   pairs with a visible key: what an ideal sparse kernel evaluates
 ``mlp_tokens``           tokens through a dense SwiGLU MLP
@@ -26,17 +26,18 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from ling_jax.config import ModelConfig
 
 
 def unit_flops(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs of one unit of each recorded count (a multiply-add is 2 FLOPs)."""
-    e, h, hkv, d, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.vocab_size
+    e, h, v = cfg.d_model, cfg.num_heads, cfg.vocab_size
     expert_dim = cfg.moe.expert_dim or cfg.mlp_dim
     return {
-        "tokens_computed": 2.0 * e * (2 * h * d + 2 * hkv * d),
-        "attn_pairs": 4.0 * h * d,
+        "tokens_computed": _query_flops(cfg) + kv_flops_per_token(cfg) + 2.0 * h * _head_dims(cfg)[1] * e,
+        "attn_pairs": 2.0 * h * sum(_head_dims(cfg)),  # q.k and p.v
         "mlp_tokens": 6.0 * e * cfg.mlp_dim,
         "expert_evals": 6.0 * e * expert_dim,
         "shared_evals": 6.0 * e * expert_dim,
@@ -45,20 +46,43 @@ def unit_flops(cfg: ModelConfig) -> dict[str, float]:
     }
 
 
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(query/key head size, value head size)."""
+    if cfg.attention == "mla":
+        return cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    return cfg.resolved_head_dim, cfg.resolved_head_dim
+
+
+def _query_flops(cfg: ModelConfig) -> float:
+    """FLOPs of the query projection of one token (MLA: through the q_lora_rank bottleneck)."""
+    e, h, dqk = cfg.d_model, cfg.num_heads, _head_dims(cfg)[0]
+    if cfg.attention == "mla" and cfg.mla.q_lora_rank:
+        return 2.0 * cfg.mla.q_lora_rank * (e + h * dqk)
+    return 2.0 * e * h * dqk
+
+
 def kv_flops_per_token(cfg: ModelConfig) -> float:
-    """FLOPs of the key and value projections of one token (part of ``tokens_computed``)."""
+    """FLOPs of the key and value projections of one token (part of ``tokens_computed``).
+    MLA: the latent down-projection (with the shared rotary key) and the per-head up-projection."""
+    if cfg.attention == "mla":
+        m = cfg.mla
+        return 2.0 * (cfg.d_model * (m.kv_lora_rank + m.qk_rope_head_dim)
+                      + m.kv_lora_rank * cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim))
     return 2.0 * cfg.d_model * 2 * cfg.num_kv_heads * cfg.resolved_head_dim
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
-    out = {}
-    for key, value in tree.items():
-        path = prefix + (key,)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:  # sown values are tuples of scalars (one per call)
-            out[path] = float(sum(np.asarray(jax.device_get(x), dtype=np.float64).sum() for x in value))
-    return out
+def sown(intermediates: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
+    """Every sown entry of an ``intermediates`` tree by its module path: ``{("block_0", "attn",
+    "kv_entries"): (value per call, ...)}`` (``flax.traverse_util.flatten_dict``). The one walker of
+    sown statistics: the ledger, evaluation, training losses and router-bias updates read through it.
+    Works on host values and on tracers inside ``jit``."""
+    return traverse_util.flatten_dict(intermediates)
+
+
+def _flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], float]:
+    """Each sown entry summed over its calls, on the host in float64."""
+    return {path: float(sum(np.asarray(jax.device_get(x), dtype=np.float64).sum() for x in values))
+            for path, values in sown(tree).items()}
 
 
 def sown_total(intermediates: Mapping[str, Any], name: str) -> float:

@@ -16,7 +16,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
 from ling_jax.ledger import kv_flops_per_token
-from ling_jax.layers.attention import Attention, AttentionMask
+from ling_jax.layers.attention import AttentionMask
+from ling_jax.layers.mla import attention_class
 from ling_jax.layers.basics import MLP, Embed, RMSNorm, compute_dtype, dense_init, param_with_axes
 from ling_jax.layers.pruning_compaction import compact_after_block, expand_compacted
 from ling_jax.layers import depth as depth_lib
@@ -68,7 +69,7 @@ class Block(nn.Module):
         if self.layer_index in cfg.pruning_layers or cfg.depth.exit_enabled:
             self.sow("intermediates", "flops_kv_only", jnp.float32(kv_only * kv_flops_per_token(cfg)))
         n_tokens = jnp.float32(x_q.shape[0] * x_q.shape[1])  # every computed slot counts, valid or not
-        x_q = x_q + Attention(cfg, name="attn")(h_q, q_mask, state, kv_x=kv_x).astype(x.dtype)
+        x_q = x_q + attention_class(cfg)(cfg, name="attn")(h_q, q_mask, state, kv_x=kv_x).astype(x.dtype)
         h_q = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_q)
         if self.layer_index in cfg.moe_layers:
             from ling_jax.layers.moe import MoE

@@ -9,7 +9,7 @@ the same table serves weights and activations::
     embed    -> fsdp                   weights: ZeRO-3 (in activations fsdp is taken by batch)
     heads, kv_heads, mlp, vocab -> tensor   Megatron-style tensor parallelism
     expert   -> expert                 MoE experts (outside MoE layers the axis carries batch)
-    length, head_dim, layers -> replicated
+    length, head_dim, latent, layers -> replicated
 
 Parameter, optimizer-state and batch shardings come from ``jax.eval_shape`` of the boxed
 ``init_state``; nothing is allocated to compute them. Activation constraints
@@ -44,6 +44,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("latent", None),  # low-rank bottlenecks of multi-head latent attention (small: replicated)
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("vocab", "tensor"),

@@ -32,6 +32,7 @@ from ling_jax.checkpoints import CheckpointError, checkpoint_manager, restore_la
 from ling_jax.config import Config, from_dict
 from ling_jax.data import Batch
 from ling_jax.layers.moe import BIAS_COLLECTION
+from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
 from ling_jax.workdir import (WorkdirLock, check_model, config_changes, prepare, read_record, recorded_config,
@@ -92,8 +93,7 @@ def abstract_state(config: Config, model: Transformer, device: Optional[jax.Devi
 
 def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Array, jax.Array]:
     """Mean token cross-entropy in nats over `mask`, and the number of scored tokens."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, T]
     denom = jnp.maximum(jnp.sum(mask), 1.0)
     return jnp.sum(nll * mask) / denom, denom
 
@@ -101,15 +101,9 @@ def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Arr
 def aux_losses(intermediates: Any) -> dict[str, jax.Array]:
     """Collects every sown ``loss_*`` scalar (summed over layers) by name."""
     out: dict[str, jax.Array] = {}
-
-    def visit(tree):
-        for key, value in tree.items():
-            if isinstance(value, dict) or hasattr(value, "items"):
-                visit(value)
-            elif key.startswith("loss_"):
-                out[key] = out.get(key, 0.0) + sum(jnp.asarray(v, jnp.float32) for v in value)
-
-    visit(intermediates)
+    for path, values in sown(intermediates).items():
+        if path[-1].startswith("loss_"):
+            out[path[-1]] = out.get(path[-1], 0.0) + sum(jnp.asarray(v, jnp.float32) for v in values)
     return out
 
 

@@ -1,8 +1,8 @@
 """Interoperability with other model formats.
 
 :mod:`ling_jax.interop.hf` reads and writes Hugging Face model directories (``config.json`` +
-``*.safetensors``) for the Llama, Qwen2, Qwen2-MoE, Qwen3(-MoE), Mixtral and OLMoE families and
-DeepSeek-V3's MoE routing; :mod:`ling_jax.interop.tokenizer` wraps a ``tokenizer.json``. Both need
+``*.safetensors``) for the Llama, Qwen2, Qwen2-MoE, Qwen3(-MoE), Mixtral, OLMoE and DeepSeek-V3
+(multi-head latent attention, :mod:`ling_jax.layers.mla`) families; :mod:`ling_jax.interop.tokenizer` wraps a ``tokenizer.json``. Both need
 the optional ``hf`` extra (``pip install 'ling-jax[hf]'``: safetensors, tokenizers).
 """
 

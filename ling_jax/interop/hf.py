@@ -159,8 +159,46 @@ def moe_rules(cfg: ModelConfig, model_type: str, hf_prefix: str, path: tuple[str
     return rules
 
 
-def rules_for(cfg: ModelConfig, model_type: str) -> list[Rule]:
-    """The complete tensor map of a model."""
+def _rope_permutation(n: int, rope: int, interleaved: bool) -> np.ndarray:
+    """Order of the last axis (``n`` entries, the rotary ones last): DeepSeek's interleaved rotary
+    pairs ``(x0, x1), (x2, x3), ...`` -> ling-jax's rotate-half halves ``(x0, x2, ...), (x1, x3, ...)``.
+    The same permutation of query and key leaves every dot product, so the logits, unchanged."""
+    order = np.arange(n)
+    if interleaved:
+        start = n - rope
+        order[start:] = start + np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)])
+    return order
+
+
+def _permuted_linear(path, name, shape, order):
+    """HF Linear [out, in] <-> ling [in, *out_shape] with the last ling axis reordered by ``order``."""
+    inverse = np.argsort(order)
+    return Rule(path, (name,), lambda t: t[0].T.reshape(shape)[..., order],
+                lambda a: [np.asarray(a)[..., inverse].reshape(shape[0], -1).T])
+
+
+def mla_rules(cfg: ModelConfig, a: str, path: tuple[str, ...], interleaved: bool) -> list[Rule]:
+    """Rules of one DeepSeek-V3 attention layer (``a``: its ``self_attn`` prefix), :class:`ling_jax.layers.mla.MLA`."""
+    m, e, h = cfg.mla, cfg.d_model, cfg.num_heads
+    q_order = _rope_permutation(m.qk_head_dim, m.qk_rope_head_dim, interleaved)
+    kv_order = _rope_permutation(m.kv_lora_rank + m.qk_rope_head_dim, m.qk_rope_head_dim, interleaved)
+    rules = [_permuted_linear(path + ("wkv_a",), f"{a}.kv_a_proj_with_mqa.weight", (e, m.kv_lora_rank + m.qk_rope_head_dim),
+                              kv_order),
+             _same(path + ("kv_a_norm", "scale"), f"{a}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
+             _linear(path + ("wkv_b",), f"{a}.kv_b_proj.weight", (m.kv_lora_rank, h, m.qk_nope_head_dim + m.v_head_dim)),
+             _linear_out(path + ("wo",), f"{a}.o_proj.weight", (h, m.v_head_dim, e))]
+    if m.q_lora_rank:
+        rules += [_linear(path + ("wq_a",), f"{a}.q_a_proj.weight", (e, m.q_lora_rank)),
+                  _same(path + ("q_a_norm", "scale"), f"{a}.q_a_layernorm.weight", (m.q_lora_rank,)),
+                  _permuted_linear(path + ("wq_b",), f"{a}.q_b_proj.weight", (m.q_lora_rank, h, m.qk_head_dim), q_order)]
+    else:
+        rules.append(_permuted_linear(path + ("wq",), f"{a}.q_proj.weight", (e, h, m.qk_head_dim), q_order))
+    return rules
+
+
+def rules_for(cfg: ModelConfig, model_type: str, hf_config: Mapping[str, Any] | None = None) -> list[Rule]:
+    """The complete tensor map of a model. ``hf_config`` (the checkpoint's config.json) tells the
+    layout of DeepSeek's rotary weights (``rope_interleave``, default true)."""
     e, h, hkv, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     rules = [_same(("embed", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, e),
                    hf_shape=(cfg.vocab_size, e)),
@@ -172,11 +210,14 @@ def rules_for(cfg: ModelConfig, model_type: str) -> list[Rule]:
         p, b = f"model.layers.{i}", f"block_{i}"
         a = f"{p}.self_attn"
         rules += [_same((b, "attn_norm", "scale"), f"{p}.input_layernorm.weight", (e,)),
-                  _same((b, "mlp_norm", "scale"), f"{p}.post_attention_layernorm.weight", (e,)),
-                  _linear((b, "attn", "wq"), f"{a}.q_proj.weight", (e, h, d)),
-                  _linear((b, "attn", "wk"), f"{a}.k_proj.weight", (e, hkv, d)),
-                  _linear((b, "attn", "wv"), f"{a}.v_proj.weight", (e, hkv, d)),
-                  _linear_out((b, "attn", "wo"), f"{a}.o_proj.weight", (h, d, e))]
+                  _same((b, "mlp_norm", "scale"), f"{p}.post_attention_layernorm.weight", (e,))]
+        if cfg.attention == "mla":
+            rules += mla_rules(cfg, a, (b, "attn"), bool((hf_config or {}).get("rope_interleave", True)))
+        else:
+            rules += [_linear((b, "attn", "wq"), f"{a}.q_proj.weight", (e, h, d)),
+                      _linear((b, "attn", "wk"), f"{a}.k_proj.weight", (e, hkv, d)),
+                      _linear((b, "attn", "wv"), f"{a}.v_proj.weight", (e, hkv, d)),
+                      _linear_out((b, "attn", "wo"), f"{a}.o_proj.weight", (h, d, e))]
         if cfg.qkv_bias:
             rules += [_same((b, "attn", f"b{n}"), f"{a}.{n}_proj.bias", (heads, d))
                       for n, heads in (("q", h), ("k", hkv), ("v", hkv))]
@@ -246,10 +287,10 @@ def map_tensors(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray]) -> dic
 
 
 def variables_from_tensors(cfg: ModelConfig, model_type: str, tensors: Mapping[str, np.ndarray],
-                           rules: Sequence[Rule] | None = None) -> dict:
+                           rules: Sequence[Rule] | None = None, hf_config: Mapping[str, Any] | None = None) -> dict:
     """Maps named HF tensors to ``{"params": ..., "moe_bias": ...}``, checking names and shapes."""
     tensors = _unfuse_experts(dict(tensors), model_type)
-    rules = rules_for(cfg, model_type) if rules is None else rules
+    rules = rules_for(cfg, model_type, hf_config) if rules is None else rules
     needed = {n for r in rules for n in r.hf}
     missing = sorted(needed - set(tensors))
     if missing:
@@ -287,13 +328,14 @@ def load_hf(path: str | pathlib.Path, *, max_seq_len: int | None = None) -> tupl
     """``(ModelConfig, variables, hf_config)`` of a Hugging Face model directory."""
     hf_cfg = read_hf_config(path)
     cfg = config_from_hf(hf_cfg, max_seq_len=max_seq_len)
-    variables = variables_from_tensors(cfg, hf_cfg["model_type"], read_tensors(path))
+    variables = variables_from_tensors(cfg, hf_cfg["model_type"], read_tensors(path), hf_config=hf_cfg)
     return cfg, variables, hf_cfg
 
 
-def tensors_from_variables(cfg: ModelConfig, model_type: str, variables: Mapping) -> dict[str, np.ndarray]:
+def tensors_from_variables(cfg: ModelConfig, model_type: str, variables: Mapping,
+                           hf_config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     out = {}
-    for r in rules_for(cfg, model_type):
+    for r in rules_for(cfg, model_type, hf_config):
         value = np.asarray(_get(variables.get(r.collection, {}), r.path), np.float32)
         for name, t in zip(r.hf, r.to_hf(value)):
             out[name] = np.ascontiguousarray(t, np.float32)
@@ -309,7 +351,7 @@ def save_hf(path: str | pathlib.Path, cfg: ModelConfig, variables: Mapping, mode
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config_to_hf(cfg, model_type, base_config)
-    tensors = tensors_from_variables(cfg, model_type, {k: dict(v) for k, v in variables.items()})
+    tensors = tensors_from_variables(cfg, model_type, {k: dict(v) for k, v in variables.items()}, hf_cfg)
     names = sorted(tensors)
     shards, current, size = [], [], 0
     for n in names:

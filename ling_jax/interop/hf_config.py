@@ -2,8 +2,9 @@
 
 Supported ``model_type`` values: ``llama`` (incl. Llama 3.1 ``rope_type="llama3"``), ``mistral``
 (without a sliding window), ``qwen2``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``mixtral``,
-``olmoe``; ``deepseek_v3`` maps its MoE routing (:func:`moe_config_from_hf`) but its Multi-head
-Latent Attention is refused. Anything this library cannot reproduce exactly (sliding-window
+``olmoe``, ``deepseek_v3`` (Multi-head Latent Attention with or without ``q_lora_rank``, YaRN with
+its softmax ``mscale_all_dim``, sigmoid group-limited routing; the multi-token-prediction layers
+of the released checkpoints are not read). Anything this library cannot reproduce exactly (sliding-window
 layers, attention output biases, QKV clipping, partial rotary, activations other than SiLU,
 dynamic/longrope RoPE, ...) raises :class:`InteropError` naming the option.
 """
@@ -14,9 +15,9 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from ling_jax.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
+from ling_jax.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "olmoe")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -138,13 +139,8 @@ def moe_config_from_hf(c: Mapping[str, Any], model_type: str) -> tuple[MoEConfig
 def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None) -> ModelConfig:
     """A ModelConfig that reproduces the Hugging Face model described by config.json ``c``."""
     model_type = c.get("model_type")
-    if model_type == "deepseek_v3":
-        raise InteropError("cannot import this deepseek_v3 checkpoint: its Multi-head Latent Attention (MLA: "
-                           "q_lora_rank/kv_lora_rank, decoupled RoPE heads) is not supported by ling-jax; "
-                           "only its MoE routing maps (ling_jax.interop.hf_config.moe_config_from_hf)")
     if model_type not in SUPPORTED:
-        raise InteropError(f"unsupported model_type {model_type!r} in config.json; supported: {list(SUPPORTED)} "
-                           "(deepseek_v3: MoE routing only)")
+        raise InteropError(f"unsupported model_type {model_type!r} in config.json; supported: {list(SUPPORTED)}")
     _check_common(c, model_type)
     if c.get("attention_bias") and model_type not in ("qwen2", "qwen2_moe"):
         raise _refuse(model_type, "attention_bias=true (biases on the attention output projection)")
@@ -155,6 +151,10 @@ def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None) -> M
     moe, mlp_dim = moe_config_from_hf(c, model_type)
     qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(model_type, "none")
     qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(c.get("qkv_bias", True)))
+    attention = {}
+    if model_type == "deepseek_v3":
+        attention = _mla_from_hf(c, model_type)
+        head_dim = d_model // heads if d_model % heads == 0 else attention["mla"].qk_head_dim
     try:
         return ModelConfig(
             vocab_size=int(c["vocab_size"]), d_model=d_model, num_layers=int(c["num_hidden_layers"]), num_heads=heads,
@@ -162,10 +162,48 @@ def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None) -> M
             head_dim=0 if head_dim * heads == d_model else head_dim, mlp_dim=mlp_dim,
             max_seq_len=int(max_seq_len or c.get("max_position_embeddings") or 2048), rope_base=theta,
             norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            moe=moe, qkv_bias=qkv_bias, qk_norm=qk_norm, rope_scaling=scaling,
+            moe=moe, qkv_bias=qkv_bias, qk_norm=qk_norm, rope_scaling=scaling, **attention,
         )
     except KeyError as e:
         raise InteropError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
+
+
+def _mla_from_hf(c: Mapping[str, Any], model_type: str) -> dict:
+    """``attention="mla"`` and its MLAConfig from DeepSeek's q_lora_rank / kv_lora_rank / head dims."""
+    heads = int(c["num_attention_heads"])
+    if int(c.get("num_key_value_heads") or heads) != heads:
+        raise _refuse(model_type, f"num_key_value_heads={c['num_key_value_heads']} != num_attention_heads={heads} "
+                                  "with Multi-head Latent Attention")
+    params = dict(c.get("rope_parameters") or {}) | dict(c.get("rope_scaling") or {})
+    mscale_all_dim = 0.0
+    if (params.get("rope_type") or params.get("type") or "default") != "default":
+        mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
+    try:
+        return dict(attention="mla", mla=MLAConfig(
+            q_lora_rank=int(c.get("q_lora_rank") or 0), kv_lora_rank=int(c["kv_lora_rank"]),
+            qk_nope_head_dim=int(c["qk_nope_head_dim"]), qk_rope_head_dim=int(c["qk_rope_head_dim"]),
+            v_head_dim=int(c["v_head_dim"]), mscale_all_dim=mscale_all_dim))
+    except KeyError as e:
+        raise InteropError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
+
+
+def _mla_to_hf(cfg: ModelConfig, base: Mapping[str, Any]) -> dict:
+    m, moe = cfg.mla, cfg.moe
+    if cfg.attention != "mla":
+        raise InteropError("exporting as deepseek_v3 needs model.attention='mla'")
+    first = min(cfg.moe_layers) if cfg.moe_layers else cfg.num_layers
+    if tuple(cfg.moe_layers) != tuple(range(first, cfg.num_layers)):
+        raise InteropError(f"deepseek_v3 has dense layers first and MoE layers after; model.moe layers "
+                           f"{list(cfg.moe_layers)} are not of that form")
+    out = dict(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+               qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, qk_head_dim=m.qk_head_dim,
+               head_dim=m.qk_rope_head_dim, rope_interleave=bool(base.get("rope_interleave", True)),
+               first_k_dense_replace=first, moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc")
+    if moe.enabled:
+        out.update(n_routed_experts=moe.num_experts, moe_intermediate_size=moe.expert_dim or cfg.mlp_dim,
+                   norm_topk_prob=moe.normalize_weights, n_group=moe.num_groups, topk_group=moe.top_groups,
+                   routed_scaling_factor=moe.route_scale, n_shared_experts=moe.num_shared_experts)
+    return out
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str, base: Mapping[str, Any] | None = None) -> dict:
@@ -191,6 +229,12 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: Mapping[str, Any] | No
             if r.kind == "yarn" else {})}
     if model_type == "qwen2_moe":
         out["qkv_bias"] = cfg.qkv_bias
+    if model_type == "deepseek_v3":
+        out.update(_mla_to_hf(cfg, base or {}))
+        if cfg.mla.mscale_all_dim and "rope_scaling" in out:
+            out["rope_scaling"]["mscale_all_dim"] = cfg.mla.mscale_all_dim
+    elif cfg.attention != "mha":
+        raise InteropError(f"attention={cfg.attention!r} cannot be exported as {model_type} (only as deepseek_v3)")
     m = cfg.moe
     if model_type in MOE_TYPES:
         if not m.enabled and model_type != "qwen2_moe" and model_type != "qwen3_moe":
@@ -198,6 +242,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: Mapping[str, Any] | No
         out.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.load_balance_weight)
         if model_type == "mixtral":
             out.update(num_local_experts=m.num_experts, router_jitter_noise=m.jitter)
+        elif model_type == "deepseek_v3":
+            pass  # written by _mla_to_hf
         elif model_type == "olmoe":
             out.update(num_experts=m.num_experts, norm_topk_prob=m.normalize_weights, router_z_loss_coef=m.z_loss_weight)
         else:

@@ -157,6 +157,23 @@ def xla_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)  # [B, Tq, H, D]
 
 
+def dpa_attention(
+    q: Float[Array, "B Tq H D"],
+    k: Float[Array, "B Tk Hkv D"],
+    v: Float[Array, "B Tk Hkv D"],
+    mask: Bool[Array, "B Tq Tk"],
+    bias: Optional[Float[Array, "B Tq Tk"]] = None,
+) -> Float[Array, "B Tq H D"]:
+    """``jax.nn.dot_product_attention`` (XLA implementation; GQA, boolean mask and additive bias);
+    rows with no visible key are zeroed, as in :func:`reference_attention`. Measured beside
+    :func:`xla_attention` (``experiments/bench_attention_xla.py``), not the ``xla`` path: see there.
+    It needs value heads of the query/key size (MLA's are not)."""
+    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None].astype(q.dtype),
+                                       mask=mask[:, None], scale=q.shape[-1] ** -0.5, implementation="xla")
+    row_any = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Tq, 1, 1]
+    return jnp.where(row_any, out, 0.0).astype(v.dtype)  # [B, Tq, H, D]
+
+
 def attend(
     q: Float[Array, "B Tq H D"],
     k: Float[Array, "B Tk Hkv D"],
@@ -181,10 +198,15 @@ def attend(
         kv_mask = mask.kv_valid
         if mask.kv_keep is not None:
             kv_mask = kv_mask & (mask.kv_keep | (mask.kv_positions < mask.num_sinks))
-        return block_sparse_attention(
-            q, k, v, q_mask=mask.q_valid, kv_mask=kv_mask, causal=mask.causal,
-            window=mask.window if mask.kv_keep is not None else 0, impl="pallas",
+        # The kernel takes one head size: pad the smaller of qk / v (MLA) with zeros, slice after.
+        dqk, dv = q.shape[-1], v.shape[-1]
+        pad = lambda a, n: jnp.pad(a, [(0, 0)] * 3 + [(0, n - a.shape[-1])])  # noqa: E731
+        dp = max(dqk, dv)
+        out = block_sparse_attention(
+            pad(q, dp), pad(k, dp), pad(v, dp), q_mask=mask.q_valid, kv_mask=kv_mask, causal=mask.causal,
+            window=mask.window if mask.kv_keep is not None else 0, impl="pallas", sm_scale=dqk**-0.5,
         )
+        return out[..., :dv]  # [B, Tq, H, Dv]
     dense_mask, bias = mask.dense()
     fn = reference_attention if impl == "reference" else xla_attention
     return fn(q, k, v, dense_mask, bias)

@@ -35,10 +35,11 @@ def dense_init(fan_in: int):
 
 class RMSNorm(nn.Module):
     eps: float = 1e-6
+    axis_name: str = "embed"  # logical name of the normalised axis
 
     @nn.compact
     def __call__(self, x: Float[Array, "... E"]) -> Float[Array, "... E"]:
-        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * scale).astype(x.dtype)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import DepthConfig, ModelConfig
@@ -71,13 +72,11 @@ def threshold_at(depth: DepthConfig, positions: Int[Array, "B T"], max_seq_len: 
 
 def exit_cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], loss_mask: Float[Array, "B T"]) -> Float[Array, ""]:
     """Mean next-token cross-entropy (nats) of an exit head over ``loss_mask``."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, T]
     return jnp.sum(nll * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
 
 
 def classifier_bce(logit: Float[Array, "B T"], agree: Bool[Array, "B T"], valid: Bool[Array, "B T"]) -> Float[Array, ""]:
     """Mean BCE of the exit classifier against "the exit head's greedy token is the final one"."""
-    t = agree.astype(jnp.float32)
-    bce = jnp.maximum(logit, 0.0) - logit * t + jnp.log1p(jnp.exp(-jnp.abs(logit)))
+    bce = optax.sigmoid_binary_cross_entropy(logit.astype(jnp.float32), agree.astype(jnp.float32))  # [B, T]
     return jnp.sum(bce * valid) / jnp.maximum(jnp.sum(valid), 1.0)

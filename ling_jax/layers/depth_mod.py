@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ModelConfig
@@ -113,8 +114,7 @@ def causal_selection(cfg: ModelConfig, scores: Float[Array, "B T"], predictor: F
 
 def predictor_bce(predictor: Float[Array, "B T"], target: Bool[Array, "B T"], valid: Bool[Array, "B T"]) -> Float[Array, ""]:
     """Mean binary cross-entropy of the predictor logit against top-k membership over valid tokens."""
-    t = target.astype(jnp.float32)
-    bce = jnp.maximum(predictor, 0.0) - predictor * t + jnp.log1p(jnp.exp(-jnp.abs(predictor)))
+    bce = optax.sigmoid_binary_cross_entropy(predictor.astype(jnp.float32), target.astype(jnp.float32))  # [B, T]
     return jnp.sum(bce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 

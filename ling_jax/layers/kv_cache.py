@@ -112,7 +112,7 @@ def attend(q: Float[Array, "B H D"], cache: Cache, vis: Bool[Array, "B S"]) -> t
     p = p / jnp.sum(p, axis=-1, keepdims=True)
     p = jnp.where(jnp.any(vis, axis=-1)[:, None, None, None], p, 0.0)
     out = jnp.einsum("bngs,bsnd->bngd", p.astype(cache["v"].dtype), cache["v"])  # [B, Hkv, G, D]
-    return out.reshape(b, h, d), p.reshape(b, h, -1)
+    return out.reshape(b, h, -1), p.reshape(b, h, -1)  # value dim may differ from D (MLA)
 
 
 def update_scores(cache: Cache, probs: Float[Array, "B H S"], policy: str, valid: Bool[Array, "B"]) -> Cache:

@@ -40,12 +40,14 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from jaxtyping import Array, Bool, Float
 
 from ling_jax.config import ModelConfig, MoEConfig
 from ling_jax.layers import moe_routers as routers
 from ling_jax.layers.basics import MLP, compute_dtype, dense_init, param_with_axes
 from ling_jax.layers.moe_dispatch import capacity_keep, dispatch, resolve_impl
+from ling_jax.ledger import sown
 from ling_jax.routing import expert_capacity
 
 BIAS_COLLECTION = "moe_bias"
@@ -155,17 +157,6 @@ class MoE(nn.Module):
 # ----------------------------------------------------------------------------- bias update
 
 
-def _loads_for(intermediates: Mapping[str, Any], path: tuple[str, ...]):
-    node: Any = intermediates
-    for key in path:
-        if not hasattr(node, "get") or key not in node:
-            return None
-        node = node[key]
-    if "moe_load" not in node:
-        return None
-    return sum(jnp.asarray(v, jnp.float32) for v in node["moe_load"])
-
-
 def update_router_bias(moe_cfg: MoEConfig, extra: Mapping[str, Any], intermediates: Mapping[str, Any]) -> dict:
     """Moves every MoE layer's bias by ``bias_update_rate`` toward balancing the step's loads.
 
@@ -176,16 +167,11 @@ def update_router_bias(moe_cfg: MoEConfig, extra: Mapping[str, Any], intermediat
     if moe_cfg.bias_update_rate <= 0 or BIAS_COLLECTION not in extra:
         return dict(extra)
 
-    def visit(tree, path):
-        out = {}
-        for key, value in tree.items():
-            if hasattr(value, "items"):
-                out[key] = visit(value, path + (key,))
-            elif key == "bias":
-                load = _loads_for(intermediates, path)
-                out[key] = value if load is None else routers.bias_step(value, load, moe_cfg.bias_update_rate)
-            else:
-                out[key] = value
-        return out
-
-    return {**extra, BIAS_COLLECTION: visit(extra[BIAS_COLLECTION], ())}
+    loads = sown(intermediates)
+    biases = traverse_util.flatten_dict(extra[BIAS_COLLECTION])  # {("block_1", "moe", "bias"): [C]}
+    for path, value in biases.items():
+        load = loads.get(path[:-1] + ("moe_load",)) if path[-1] == "bias" else None
+        if load is not None:
+            biases[path] = routers.bias_step(value, sum(jnp.asarray(v, jnp.float32) for v in load),
+                                             moe_cfg.bias_update_rate)
+    return {**extra, BIAS_COLLECTION: traverse_util.unflatten_dict(biases)}

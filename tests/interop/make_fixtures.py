@@ -5,12 +5,13 @@ Hugging Face transformers in float32, saved with ``save_pretrained`` (safetensor
 Qwen2 sharded through model.safetensors.index.json), plus ``input_ids.npy`` and the model's
 ``logits.npy`` on them. Norm scales, biases and DeepSeek's correction bias are randomised so the
 comparison exercises every tensor. DeepSeek-V3 also saves one MoE layer's input and output
-(``moe_in.npy``/``moe_out.npy``): ling-jax imports its routing but not its MLA attention.
+(``moe_in.npy``/``moe_out.npy``) and its first attention layer's (``attn_in.npy``/``attn_out.npy``).
 
 Needs torch and transformers (not ling-jax dependencies), e.g.::
 
     python3 -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install torch transformers safetensors numpy
     /tmp/hfvenv/bin/python tests/interop/make_fixtures.py            # writes tests/interop/fixtures/
+    /tmp/hfvenv/bin/python tests/interop/make_fixtures.py deepseek_v3_yarn   # one family only
 
 CI never runs this: the outputs are committed.
 """
@@ -51,6 +52,17 @@ FAMILIES = {
                                         routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
                                         moe_intermediate_size=16, first_k_dense_replace=1, q_lora_rank=16,
                                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+    # MLA without the query bottleneck, rotate-half rotary layout, YaRN with DeepSeek's softmax mscale,
+    # value heads wider than the query/key heads.
+    "deepseek_v3_yarn": ("deepseek_v3", dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                                             topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                                             n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1,
+                                             q_lora_rank=None, kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=6,
+                                             v_head_dim=12, rope_interleave=False,
+                                             rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                                                              "original_max_position_embeddings": 16, "mscale": 1.0,
+                                                              "mscale_all_dim": 0.7, "beta_fast": 32.0,
+                                                              "beta_slow": 1.0})),
 }
 
 
@@ -85,11 +97,14 @@ def make_tokenizer(path: pathlib.Path) -> None:
     tok.save(str(path))
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
+    """Writes the fixtures of ``names`` (default: every family; each family's seed is its index)."""
     torch.manual_seed(0)
     OUT.mkdir(exist_ok=True)
     ids = np.random.default_rng(0).integers(3, VOCAB, size=(2, SEQ)).astype(np.int64)
     for i, (name, (model_type, extra)) in enumerate(FAMILIES.items()):
+        if names and name not in names:
+            continue
         cfg = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **extra})
         cfg._attn_implementation = "eager"
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
@@ -101,6 +116,10 @@ def main() -> int:
         if name == "deepseek_v3":
             mlp = model.model.layers[1].mlp
             mlp.register_forward_hook(lambda m, inp, out: captured.update(moe_in=inp[0], moe_out=out))
+        if model_type == "deepseek_v3":  # one MLA layer alone: its input and output
+            model.model.layers[0].self_attn.register_forward_hook(
+                lambda m, args, kwargs, out: captured.update(attn_in=kwargs["hidden_states"], attn_out=out[0]),
+                with_kwargs=True)
         with torch.no_grad():
             logits = model(torch.from_numpy(ids)).logits.float().numpy()
         np.save(target / "input_ids.npy", ids.astype(np.int32))
@@ -108,11 +127,12 @@ def main() -> int:
         for key, value in captured.items():
             np.save(target / f"{key}.npy", value.float().numpy())
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params -> {target}")
-    make_tokenizer(OUT / "llama" / "tokenizer.json")
+    if not names or "llama" in names:
+        make_tokenizer(OUT / "llama" / "tokenizer.json")
     (OUT / "VERSIONS.json").write_text(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
                                                    "python": sys.version.split()[0]}, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Hugging Face import/export against tiny checkpoints made by tests/interop/make_fixtures.py
 (transformers 5.x, float32, random weights): logits match the saved reference within 1e-4 for
-every family, the round trip import -> export -> import is exact, and bad inputs fail clearly."""
+every family (DeepSeek-V3's MLA layer alone within the float32 forward tolerance, 2e-5), the round trip import -> export -> import is exact, and bad inputs fail clearly."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ import pytest
 pytest.importorskip("safetensors")
 
 from ling_jax.config import ModelConfig, RopeScalingConfig  # noqa: E402
-from ling_jax.interop.hf import load_hf, map_tensors, moe_rules, read_tensors, save_hf  # noqa: E402
+from ling_jax.interop.hf import (  # noqa: E402
+    load_hf, map_tensors, moe_rules, read_tensors, save_hf, variables_from_tensors,
+)
 from ling_jax.interop.hf_config import InteropError, moe_config_from_hf  # noqa: E402
+from ling_jax.layers.attention import AttentionMask  # noqa: E402
+from ling_jax.layers.mla import MLA  # noqa: E402
 from ling_jax.layers.moe import MoE  # noqa: E402
 from ling_jax.model import Transformer  # noqa: E402
 from ling_jax.testing import assert_close  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-FAMILIES = ["llama", "llama31", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"]
+FAMILIES = ["llama", "llama31", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "deepseek_v3_yarn"]
 EXPECTED_KNOBS = {  # what each family must switch on (so the test fails if the importer drops one)
     "llama31": lambda c: c.rope_scaling.kind == "llama3" and c.rope_scaling.factor == 8.0,
     "qwen2": lambda c: c.qkv_bias and c.tie_embeddings,
@@ -32,6 +36,10 @@ EXPECTED_KNOBS = {  # what each family must switch on (so the test fails if the 
     "qwen3_moe": lambda c: c.qk_norm == "head" and c.resolved_head_dim == 16 and c.moe.normalize_weights,
     "mixtral": lambda c: c.moe.enabled and c.moe.normalize_weights and c.moe_layers == (0, 1),
     "olmoe": lambda c: c.qk_norm == "full" and not c.moe.normalize_weights,
+    "deepseek_v3": lambda c: c.attention == "mla" and c.mla.q_lora_rank == 16 and c.moe.router == "sigmoid"
+    and c.moe_layers == (1,),
+    "deepseek_v3_yarn": lambda c: c.attention == "mla" and c.mla.q_lora_rank == 0 and c.mla.v_head_dim == 12
+    and c.rope_scaling.kind == "yarn" and c.mla.mscale_all_dim == 0.7,
 }
 
 
@@ -64,10 +72,41 @@ def test_qwen2_moe_shared_gate_matters():
     assert np.max(np.abs(half - np.load(FIXTURES / "qwen2_moe" / "logits.npy"))) > 1e-3
 
 
-def test_deepseek_v3_routing_matches_and_mla_is_refused():
-    path = FIXTURES / "deepseek_v3"
-    with pytest.raises(InteropError, match="Multi-head Latent Attention"):
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v3_yarn"])
+def test_deepseek_v3_mla_layer_matches_transformers(family):
+    """One MLA layer alone (input and output saved from the Hugging Face model) at the float32
+    forward tolerance; with the YaRN softmax mscale or the rotary layout wrong it does not match."""
+    cfg, variables, hf_cfg = load_hf(FIXTURES / family)
+    x, want = np.load(FIXTURES / family / "attn_in.npy"), np.load(FIXTURES / family / "attn_out.npy")
+    positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape[:2])
+
+    def attn(cfg, params):
+        return np.asarray(MLA(cfg).apply({"params": params}, x, AttentionMask.causal_self(positions)))
+
+    assert_close(attn(cfg, variables["params"]["block_0"]["attn"]), want, dtype=np.float32)
+    flipped = variables_from_tensors(cfg, "deepseek_v3", read_tensors(FIXTURES / family),
+                                     hf_config={**hf_cfg, "rope_interleave": not hf_cfg["rope_interleave"]})
+    assert np.max(np.abs(attn(cfg, flipped["params"]["block_0"]["attn"]) - want)) > 1e-3
+    if cfg.mla.mscale_all_dim:
+        plain = dataclasses.replace(cfg, mla=dataclasses.replace(cfg.mla, mscale_all_dim=0.0))
+        assert np.max(np.abs(attn(plain, variables["params"]["block_0"]["attn"]) - want)) > 1e-3
+
+
+def test_deepseek_v3_refusals(tmp_path):
+    path = _copy("deepseek_v3", tmp_path)
+    _edit_config(path, num_key_value_heads=2)
+    with pytest.raises(InteropError, match="num_key_value_heads=2 != num_attention_heads=4"):
         load_hf(path)
+    _edit_config(path, num_key_value_heads=4, attention_bias=True)
+    with pytest.raises(InteropError, match="attention_bias"):
+        load_hf(path)
+    cfg, variables, _ = load_hf(FIXTURES / "llama")
+    with pytest.raises(InteropError, match="needs model.attention='mla'"):
+        save_hf(tmp_path / "out", cfg, variables, "deepseek_v3")
+
+
+def test_deepseek_v3_routing_matches():
+    path = FIXTURES / "deepseek_v3"
     hf_cfg = json.loads((path / "config.json").read_text())
     moe, mlp_dim = moe_config_from_hf(hf_cfg, "deepseek_v3")
     assert (moe.router, moe.num_groups, moe.top_groups, moe.route_scale, moe.routing_bias) == ("sigmoid", 4, 2, 2.5, True)

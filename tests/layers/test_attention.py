@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.layers.attention import AttentionMask, reference_attention, xla_attention
+from ling_jax.layers.attention import AttentionMask, dpa_attention, reference_attention, xla_attention
 from ling_jax.testing import assert_close
 
 B, T, H, HKV, D = 2, 24, 4, 2, 8
@@ -23,8 +23,9 @@ def _inputs(seed: int):
     return q, k, v, mask, jax.random.normal(kb, (B, T)), jax.random.bernoulli(kkeep, 0.5, (B, T))
 
 
+@pytest.mark.parametrize("fast", [xla_attention, dpa_attention], ids=["head_major", "dot_product_attention"])
 @pytest.mark.parametrize("variant", ["causal", "soft_bias", "hard_keep"])
-def test_xla_attention_matches_reference_forward_and_grad(variant):
+def test_xla_attention_matches_reference_forward_and_grad(variant, fast):
     q, k, v, mask, scores, keep = _inputs(0)
     if variant == "soft_bias":
         mask = mask.replace(kv_log_keep=jax.nn.log_sigmoid(scores))
@@ -32,13 +33,13 @@ def test_xla_attention_matches_reference_forward_and_grad(variant):
         mask = mask.replace(kv_keep=keep)
     dense, bias = mask.dense()
     assert not bool(jnp.all(jnp.any(dense, -1)))  # the padded rows are fully masked
-    out_x = jax.jit(xla_attention)(q, k, v, dense, bias)
+    out_x = jax.jit(fast)(q, k, v, dense, bias)
     out_r = reference_attention(q, k, v, dense, bias)
     assert np.isfinite(np.asarray(out_x)).all()
     assert_close(out_x, out_r)
     cot = jax.random.normal(jax.random.key(9), out_r.shape)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, dense, bias) * cot)  # noqa: E731
-    grads_x = jax.jit(jax.grad(loss(xla_attention), argnums=(0, 1, 2)))(q, k, v)
+    grads_x = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
     grads_r = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
     assert_close(grads_x, grads_r, kind="grad")
     assert float(jnp.max(jnp.abs(grads_x[0][1, :5]))) == 0.0  # masked queries get no gradient
