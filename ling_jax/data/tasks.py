@@ -8,7 +8,7 @@ Token ids (disjoint ranges inside 0..255, shared by all tasks):
   2         QUERY       starts a multi-hop query ("QUERY start HOP_h")
   3         (reserved)  unused
   4..15     HOP_h       hop count h = id - HOP_BASE (h in 1..MAX_HOPS = 12)
-  16..63    FILLER      haystack / filler tokens (uniform random)
+  16..63    FILLER      haystack / filler tokens (uniform random; ``filler="vocab"``)
   64..159   KEY         keys; multi-hop node i as an edge *source* / query start
   160..255  VALUE       values; multi-hop node i as an edge *destination* / answer
 
@@ -18,6 +18,17 @@ positions) marks the tokens that carry the answer — the evidence (queried pair
 needle, the edges on the path) and the query tokens — i.e. what a token-pruning policy must keep.
 All evidence precedes its query, so each task is solvable by a causal model.
 
+How much the filler looks like evidence is a knob of every task:
+
+* ``filler="vocab"`` (default): filler from its own id range 16..63, which no evidence uses;
+* ``filler="code"``: a contiguous window of real source bytes from the default corpus (the
+  standard library's ``.py`` files, train split): letters (65..122) share ids with keys and
+  UTF-8/tab/newline bytes with values and hop counts, so filler tokens look like evidence;
+* distractors from the same vocabulary as the evidence, never queried: context pairs beyond the
+  queried ones (``num_pairs > num_queries`` in MQAR), needles beyond the asked one
+  (``num_needles > 1``), and the edges off the query's path in multi-hop (every graph is one
+  cycle over ``num_nodes`` nodes).
+
 Generation is a pure function of (seed, step, row): row r of a batch uses
 `np.random.default_rng([seed, step, r])`, so a host slice of a global batch is generated alone.
 """
@@ -25,6 +36,7 @@ Generation is a pure function of (seed, step, row): row r of a batch uses
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,12 +73,40 @@ class _Example:
     oracle: list[int]
 
 
-def _filler(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(FILLER_START, FILLER_START + FILLER_SIZE, size=n)
+FILLERS = ("vocab", "code")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_bytes() -> np.ndarray:
+    """The default corpus's train split (read once per process)."""
+    from ling_jax.data.corpus import load_corpus
+
+    return load_corpus(None, split="train")
+
+
+def _filler(rng: np.random.Generator, n: int, kind: str = "vocab") -> np.ndarray:
+    """``n`` filler tokens: uniform over the filler ids, or a random window of real code bytes.
+
+    Both draw the same numbers from ``rng`` (the code window's offset comes from a child seed), so
+    a task's evidence, queries and layout are the same for either kind: only the filler changes."""
+    tokens = rng.integers(FILLER_START, FILLER_START + FILLER_SIZE, size=n)
+    if kind == "vocab":
+        return tokens
+    code = _code_bytes()
+    if len(code) <= n:
+        raise ValueError(f"the code corpus ({len(code)} bytes) is too short for {n} filler tokens")
+    child = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+    start = int(child.integers(0, len(code) - n))
+    return code[start : start + n].astype(np.int64)
+
+
+def _check_filler(value: Any) -> None:
+    if value not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {value!r}")
 
 
 def _interleave(
-    rng: np.random.Generator, blocks: list[np.ndarray], n_filler: int
+    rng: np.random.Generator, blocks: list[np.ndarray], n_filler: int, kind: str = "vocab"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blocks (kept in the given order, never split) scattered uniformly among n_filler filler tokens.
 
@@ -76,7 +116,7 @@ def _interleave(
     lengths = np.array([len(b) for b in blocks], dtype=np.int64)
     slots = np.sort(rng.choice(n_filler + k, size=k, replace=False))  # unit index of each block
     starts = slots - np.arange(k) + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    tokens = _filler(rng, n_filler + int(lengths.sum()))
+    tokens = _filler(rng, n_filler + int(lengths.sum()), kind)
     for block, s in zip(blocks, starts):
         tokens[s : s + len(block)] = block
     return tokens, starts
@@ -138,8 +178,10 @@ class AssociativeRecall:
     filler_fraction: float = 0.0
     num_keys: int = 16
     num_values: int = 16
+    filler: str = "vocab"  # vocab | code (see the module docstring)
 
     def __post_init__(self) -> None:
+        _check_filler(self.filler)
         _check_int("num_pairs", self.num_pairs, 1, KEY_SIZE)
         _check_int("num_queries", self.num_queries, 1, self.num_pairs)
         _check_fraction("filler_fraction", self.filler_fraction)
@@ -155,7 +197,8 @@ class AssociativeRecall:
         keys = KEY_START + rng.choice(self.num_keys, size=self.num_pairs, replace=False)
         values = VALUE_START + rng.integers(0, self.num_values, size=self.num_pairs)
         pairs = [np.array([k, v]) for k, v in zip(keys, values)]  # keys are random: order is random
-        context, starts = _interleave(rng, pairs, _filler_count(2 * self.num_pairs, self.filler_fraction))
+        context, starts = _interleave(rng, pairs, _filler_count(2 * self.num_pairs, self.filler_fraction),
+                                      self.filler)
         asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
         queries = np.stack([keys[asked], values[asked]], axis=1).reshape(-1)
         seq, pad = _left_pad([context, queries], seq_len + 1)
@@ -182,8 +225,10 @@ class NeedleRetrieval:
     depth: float | None = None
     num_keys: int = KEY_SIZE
     num_values: int = VALUE_SIZE
+    filler: str = "vocab"  # vocab | code (see the module docstring)
 
     def __post_init__(self) -> None:
+        _check_filler(self.filler)
         _check_int("num_needles", self.num_needles, 1, KEY_SIZE)
         depth = self.depth
         if depth is not None and (not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0):
@@ -202,12 +247,12 @@ class NeedleRetrieval:
         haystack_len = seq_len + 1 - 3
         n_filler = haystack_len - 3 * self.num_needles
         if self.depth is None:
-            haystack, starts = _interleave(rng, needles, n_filler)
+            haystack, starts = _interleave(rng, needles, n_filler, self.filler)
             asked = int(rng.integers(self.num_needles))
             at = int(starts[asked])
         else:
             asked = 0  # keys are random, so needle 0 is as good as any
-            rest, starts = _interleave(rng, needles[1:], n_filler)
+            rest, starts = _interleave(rng, needles[1:], n_filler, self.filler)
             inside = np.zeros(len(rest) + 1, dtype=bool)  # insertion offsets strictly inside a needle
             for s in starts:
                 inside[s + 1 : s + 3] = True
@@ -239,8 +284,10 @@ class MultiHop:
     min_hops: int = 1
     max_hops: int = 4
     filler_fraction: float = 0.0
+    filler: str = "vocab"  # vocab | code (see the module docstring)
 
     def __post_init__(self) -> None:
+        _check_filler(self.filler)
         _check_int("num_nodes", self.num_nodes, 2, KEY_SIZE)
         top = min(MAX_HOPS, self.num_nodes - 1)
         _check_int("max_hops", self.max_hops, 1, top)
@@ -257,7 +304,8 @@ class MultiHop:
         succ[order] = np.roll(order, -1)  # the cycle order[0] -> order[1] -> ... -> order[0]
         sources = rng.permutation(self.num_nodes)  # edge presentation order
         edges = [np.array([KEY_START + a, VALUE_START + succ[a]]) for a in sources]
-        context, starts = _interleave(rng, edges, _filler_count(2 * self.num_nodes, self.filler_fraction))
+        context, starts = _interleave(rng, edges, _filler_count(2 * self.num_nodes, self.filler_fraction),
+                                      self.filler)
         start = int(rng.integers(self.num_nodes))
         hops = int(rng.integers(self.min_hops, self.max_hops + 1))
         path = [start]

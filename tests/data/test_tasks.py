@@ -271,3 +271,33 @@ def test_accuracy_counts_only_loss_positions():
     assert accuracy(pred, batch) == pytest.approx(28 / 32)
     with pytest.raises(ValueError, match="shape"):
         accuracy(pred[:, :-1], batch)
+
+
+# ----------------------------------------------------------------------------- filler that looks like evidence
+
+
+@pytest.mark.parametrize("name,options", [("mqar", dict(num_pairs=4, num_queries=2, filler_fraction=0.8)),
+                                          ("needle", dict(num_needles=3)),
+                                          ("multihop", dict(num_nodes=6, filler_fraction=0.8))])
+def test_code_filler_is_real_source_bytes_around_the_same_evidence(name, options):
+    vocab = make_batch(make_task(name, **options), seed=1, step=2, batch_size=4, seq_len=96)
+    code = make_batch(make_task(name, filler="code", **options), seed=1, step=2, batch_size=4, seq_len=96)
+    # Same evidence, queries, answers and oracle positions: only the filler changes.
+    np.testing.assert_array_equal(code.loss_mask, vocab.loss_mask)
+    np.testing.assert_array_equal(code.oracle_mask, vocab.oracle_mask)
+    np.testing.assert_array_equal(code.targets[code.loss_mask > 0], vocab.targets[vocab.loss_mask > 0])
+    corpus = bytes(T._code_bytes())
+    filler = (~code.oracle_mask) & (code.inputs != T.PAD) & (vocab.inputs >= T.FILLER_START) \
+        & (vocab.inputs < T.FILLER_START + T.FILLER_SIZE)
+    row = code.inputs[0]
+    runs = np.split(np.flatnonzero(filler[0]), np.flatnonzero(np.diff(np.flatnonzero(filler[0])) > 1) + 1)
+    longest = max(runs, key=len)
+    assert len(longest) >= 4 and bytes(row[longest].astype(np.uint8)) in corpus
+    # Real code shares ids with the evidence: some filler bytes fall in the key range.
+    keys_in_filler = (code.inputs >= T.KEY_START) & (code.inputs < T.KEY_START + T.KEY_SIZE) & filler
+    assert keys_in_filler.any()
+
+
+def test_unknown_filler_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"filler must be one of \('vocab', 'code'\)"):
+        make_task("mqar", filler="noise")
