@@ -33,7 +33,7 @@ from ling_jax.config import Config, from_dict
 from ling_jax.data import Batch
 from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax.model import Transformer
-from ling_jax.workdir import (WorkdirLock, check_model, config_changes, prepare, read_record, recorded_config,
+from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, prepare, read_record, recorded_config,
                               truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
@@ -272,6 +272,9 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     from ling_jax import sharding as sharding_lib
     from ling_jax.pipeline import build_data
 
+    record = read_record(workdir)
+    if record is not None:  # before anything is built: a changed training setting is refused naming it
+        check_compatible(workdir, record, config)
     model = Transformer(config.model)
     # More than one device: shard by config.mesh (or the caller's shardings); each host reads its rows.
     plan = None
@@ -282,9 +285,6 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     host_index, host_count = sharding_lib.host_slice(plan.batch, config.train.batch_size) if plan else (0, 1)
     data = build_data(config, host_index=host_index, host_count=host_count)
 
-    record = read_record(workdir)
-    if record is not None:
-        check_model(workdir, record, config)
     rng = jax.random.key(config.train.seed)
     state = sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan else init_state(config, model, rng)
     manager = checkpoint_manager(workdir, config)
@@ -299,7 +299,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     metrics_path = workdir / "metrics.jsonl"
     if start:
         log_fn(f"resumed from step {start} in {workdir}")
-        changes = config_changes(from_dict(record["config"]), config) if record is not None else []
+        changes = config_changes(from_dict(record["config"]), config, ignore=("mesh", "preset")) if record is not None else []
         if changes:
             log_fn("resuming with settings changed from config.json: " + "; ".join(changes))
         if config.train.steps != schedule_steps:
