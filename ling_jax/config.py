@@ -721,9 +721,10 @@ def _rebuild(obj: Any, changes: Mapping[str, Any]) -> Any:
     return dataclasses.replace(obj, **new)
 
 
-def apply_overrides(config: Config, overrides: Mapping[str, Any] | Sequence[str]) -> Config:
+def apply_overrides(config: Any, overrides: Mapping[str, Any] | Sequence[str]) -> Any:
     """Applies ``{"model.d_model": "512"}`` / ``{"model.d_model": 512}`` or ``["model.d_model=512", ...]``
-    overrides: the one override mechanism of the CLI and the experiment grids.
+    overrides: the one override mechanism of the CLI and the experiment grids. ``config`` is a
+    :class:`Config` or any config dataclass inside one (``ModelConfig``: ``{"pruning.threshold": 0.3}``).
 
     All overrides are applied together and validated once, so settings that are only valid in
     combination (``model.num_layers`` with a layer list, a pruning baseline with the mode it needs)

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -246,27 +246,30 @@ def _schedule_steps(record: Optional[dict], config: Config, start: int) -> int:
 
 
 def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print,
-          state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True) -> dict:
+          state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True,
+          devices: Optional[Sequence[jax.Device]] = None) -> dict:
     """Trains (resuming from the newest good checkpoint in `workdir`) and returns the final eval metrics.
 
     Guarantees (see README "Resuming and failures"): the workdir is locked for the whole run; a
     non-finite loss or gradient norm stops the run (NonFiniteError) and is never saved; SIGTERM
     saves the last completed step and raises Preempted; a resumed run keeps the learning-rate
     schedule recorded in config.json (``train.steps`` only moves where training stops).
+    ``devices``: train on these devices only (default: all; one device trains unsharded).
     """
     workdir = Path(workdir)
     if state_shardings is None:  # a --mesh the devices cannot fill is an error, also on one device
-        config.mesh.resolve(jax.device_count())
+        config.mesh.resolve(len(devices) if devices else jax.device_count())
     is_main_host = is_main_host and jax.process_index() == 0
     prepare(workdir)
     lock = WorkdirLock(workdir, log_fn) if is_main_host else contextlib.nullcontext()
     with lock, _StopSignal(enabled=jax.process_count() == 1) as stop:
         return _train_locked(config, workdir, stop, progress=progress, log_fn=log_fn, state_shardings=state_shardings,
-                             batch_sharding=batch_sharding, is_main_host=is_main_host)
+                             batch_sharding=batch_sharding, is_main_host=is_main_host, devices=devices)
 
 
 def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress: bool, log_fn: Callable[[str], None],
-                  state_shardings: Any, batch_sharding: Any, is_main_host: bool) -> dict:
+                  state_shardings: Any, batch_sharding: Any, is_main_host: bool,
+                  devices: Optional[Sequence[jax.Device]]) -> dict:
     from tqdm.auto import tqdm
 
     from ling_jax import sharding as sharding_lib
@@ -280,13 +283,14 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     plan = None
     if state_shardings is not None:
         plan = sharding_lib.Plan(mesh=batch_sharding.mesh, state=state_shardings, batch=batch_sharding)
-    elif jax.device_count() > 1:
-        plan = sharding_lib.plan(config, model)
+    elif len(devices or jax.devices()) > 1:
+        plan = sharding_lib.plan(config, model, devices=devices)
     host_index, host_count = sharding_lib.host_slice(plan.batch, config.train.batch_size) if plan else (0, 1)
     data = build_data(config, host_index=host_index, host_count=host_count)
 
     rng = jax.random.key(config.train.seed)
-    state = sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan else init_state(config, model, rng)
+    state = (sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan
+             else jax.jit(lambda key: init_state(config, model, key))(rng))  # one compile, not one per op
     manager = checkpoint_manager(workdir, config)
     try:
         state, start = restore_latest(manager, state, log_fn=log_fn,

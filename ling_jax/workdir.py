@@ -118,16 +118,26 @@ def recorded_config(workdir: str | Path) -> Optional[Config]:
     return None if record is None else from_dict(record["config"])
 
 
-def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
-    """Writes config.json atomically: a temporary file in the workdir, fsync, ``os.replace``."""
-    path = workdir / "config.json"
-    tmp = workdir / f".config.json.{os.getpid()}.tmp"
-    record = {"schedule_steps": int(schedule_steps), "config": to_dict(config)}
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=2, default=str))
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file beside it, fsync and ``os.replace``:
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
+    """Writes config.json (atomically): the config, the schedule length and the provenance of the
+    run writing it (command, git revision, library versions)."""
+    from ling_jax.provenance import run_record
+
+    record = {"schedule_steps": int(schedule_steps), "config": to_dict(config), "provenance": run_record()}
+    atomic_write(workdir / "config.json", json.dumps(record, indent=2, default=str).encode())
 
 
 # Fields that may differ between a workdir's config.json and the config that resumes it (a whole
@@ -207,6 +217,4 @@ def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] =
             keep.append(line)
     if dropped:
         log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep).encode())
