@@ -56,3 +56,31 @@ def train_or_load(config: Config, workdir: str | Path, *, devices: Optional[Sequ
     _, _, state = load_trained(workdir, log_fn=log_fn)
     return Trained(config, {"params": state.params, **state.extra},
                    {"workdir": str(workdir), "step": int(state.step), "train_seconds": seconds})
+
+
+def init_workdir(config: Config, workdir: str | Path, variables: dict) -> None:
+    """Starts a workdir from given weights: a step-0 checkpoint of ``variables`` (the model's
+    whole tree, e.g. from an earlier training phase) with a fresh optimizer state, and its
+    config.json; :func:`ling_jax.train.train` then trains from them (another phase on other data)."""
+    from ling_jax.checkpoints import checkpoint_manager, save_checkpoint
+    from ling_jax.model import Transformer
+    from ling_jax.train import init_state
+    from ling_jax.workdir import prepare, write_record
+
+    workdir = prepare(workdir)
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise FileExistsError(f"workdir {workdir} already holds a run; start from weights in a new workdir")
+    model = Transformer(config.model)
+    state = jax.jit(lambda key: init_state(config, model, key))(jax.random.key(config.train.seed))
+    given = {"params": variables["params"], **{k: v for k, v in variables.items() if k != "params"}}
+    fresh = {"params": state.params, **state.extra}
+    if jax.tree_util.tree_structure(given) != jax.tree_util.tree_structure(fresh) or any(
+            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(given), jax.tree_util.tree_leaves(fresh))):
+        raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
+    state = state.replace(params=given.pop("params"), extra=given)
+    manager = checkpoint_manager(workdir, config)
+    try:
+        save_checkpoint(manager, 0, state, keep=config.train.keep_checkpoints)
+    finally:
+        manager.close()
+    write_record(workdir, config, schedule_steps=config.train.steps)
