@@ -58,11 +58,11 @@ class Sizes:
 
 
 SIZES: dict[str, Sizes] = {
-    # Seconds: the test-suite preset (2 layers, d_model 32, 40 steps, one seed).
+    # Seconds: the test-suite preset (2 layers, d_model 32, 2 steps, one seed).
     "smoke": Sizes(
         base="cpu-tiny",
         model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_seq_len=64),
-        train=dict(batch_size=4, seq_len=48, steps=4, warmup_steps=1, learning_rate=3e-3),
+        train=dict(batch_size=4, seq_len=48, steps=2, warmup_steps=1, learning_rate=3e-3),
         seeds=1, eval_batches=1, time_repeats=1,
         task_options={"mqar": "num_pairs=4,num_queries=4,filler_fraction=0.5,num_keys=8,num_values=8",
                       "needle": "num_needles=2,num_keys=16,num_values=16",
@@ -105,9 +105,11 @@ def sizes(preset: str) -> Sizes:
     return SIZES[preset]
 
 
-def make_config(preset: str, task: str, seed: int, overrides: Mapping[str, Any] = ()) -> Config:
-    """The config of one training run: preset sizes + task + seed + variant overrides (dotted
-    config paths with Python values, ``{"model.pruning.enabled": True}``, applied together)."""
+def make_config(preset: str, task: str, seed: int, overrides: Mapping[str, Any] = (),
+                train_overrides: Mapping[str, Any] = ()) -> Config:
+    """The config of one training run: preset sizes + task + seed + ``train_overrides`` (e.g.
+    ``{"train.steps": 50}``) + variant ``overrides`` (dotted config paths with Python values,
+    ``{"model.pruning.enabled": True}``), all applied together by ``apply_overrides``."""
     s = sizes(preset)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
@@ -116,7 +118,7 @@ def make_config(preset: str, task: str, seed: int, overrides: Mapping[str, Any] 
     flat.update({"train.seed": seed, "train.eval_batches": s.eval_batches, "train.log_every": 10 ** 9,
                  "train.checkpoint_every": s.train["steps"], "data.task": task,
                  "data.task_options": s.task_options[task]})
-    return apply_overrides(get_preset(s.base), {**flat, **dict(overrides)})
+    return apply_overrides(get_preset(s.base), {**flat, **dict(train_overrides), **dict(overrides)})
 
 
 def with_model(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
@@ -130,7 +132,8 @@ def run_dir_for(results_root: Path, preset: str, task: str, variant: str, seed: 
 
 def train_or_load(config: Config, run_dir: Path, *, sharded: bool = False, progress: bool = False) -> Trained:
     """One training run (:func:`ling_jax.runs.train_or_load`); unsharded presets train on one device."""
-    return _train_or_load(config, run_dir, devices=None if sharded else jax.devices()[:1], progress=progress)
+    return _train_or_load(config, run_dir, devices=None if sharded else jax.devices()[:1], progress=progress,
+                          final_eval=False)  # the scripts evaluate every point themselves
 
 
 def eval_batches(config: Config, batch_size: int = 0) -> list[dict]:
@@ -326,7 +329,7 @@ def results_paths(results_root: Path, preset: str, name: str) -> tuple[Path, Pat
 def common_args(parser, default_preset: str = "cpu") -> None:
     parser.add_argument("--preset", default=default_preset, choices=PRESETS)
     parser.add_argument("--results", type=Path, default=RESULTS_ROOT,
-                        help="results root: <results>/<preset>/*.jsonl|csv, <results>/runs/ (cache), <results>/figures/")
+                        help="results root: <results>/<preset>/*.jsonl|csv, <results>/runs/ (training workdirs), <results>/figures/")
     parser.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
     parser.add_argument("--tasks", default=None, help="comma list of tasks (default: all)")
     parser.add_argument("--no-progress", action="store_true")

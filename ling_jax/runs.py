@@ -36,10 +36,11 @@ def _stderr(msg: str) -> None:
 
 
 def train_or_load(config: Config, workdir: str | Path, *, devices: Optional[Sequence[jax.Device]] = None,
-                  progress: bool = False, log_fn: Callable[[str], None] = _stderr) -> Trained:
+                  progress: bool = False, log_fn: Callable[[str], None] = _stderr, final_eval: bool = True) -> Trained:
     """``config`` trained to ``config.train.steps`` in ``workdir``: trains what is missing, then
     restores the newest checkpoint. ``devices``: train on these devices only (default: all, sharded
-    by ``config.mesh``); the variables come back on the first device."""
+    by ``config.mesh``); the variables come back on the first device. ``final_eval=False``: the
+    caller evaluates the model itself (:func:`ling_jax.train.train` skips its final evaluation)."""
     from ling_jax.rerun import latest_checkpoint_step
     from ling_jax.train import load_trained, train
     from ling_jax.workdir import check_compatible, read_record
@@ -49,7 +50,7 @@ def train_or_load(config: Config, workdir: str | Path, *, devices: Optional[Sequ
     seconds = None
     if record is None or latest_checkpoint_step(workdir) != config.train.steps:
         start = time.perf_counter()
-        train(config, workdir, progress=progress, log_fn=log_fn, devices=devices)
+        train(config, workdir, progress=progress, log_fn=log_fn, devices=devices, final_eval=final_eval)
         seconds = time.perf_counter() - start
     else:
         check_compatible(workdir, record, config)

@@ -247,7 +247,7 @@ def _schedule_steps(record: Optional[dict], config: Config, start: int) -> int:
 
 def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print,
           state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True,
-          devices: Optional[Sequence[jax.Device]] = None) -> dict:
+          devices: Optional[Sequence[jax.Device]] = None, final_eval: bool = True) -> dict:
     """Trains (resuming from the newest good checkpoint in `workdir`) and returns the final eval metrics.
 
     Guarantees (see README "Resuming and failures"): the workdir is locked for the whole run; a
@@ -255,6 +255,7 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     saves the last completed step and raises Preempted; a resumed run keeps the learning-rate
     schedule recorded in config.json (``train.steps`` only moves where training stops).
     ``devices``: train on these devices only (default: all; one device trains unsharded).
+    ``final_eval=False`` skips the final evaluation (a caller that evaluates the model itself).
     """
     workdir = Path(workdir)
     if state_shardings is None:  # a --mesh the devices cannot fill is an error, also on one device
@@ -264,12 +265,13 @@ def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn:
     lock = WorkdirLock(workdir, log_fn) if is_main_host else contextlib.nullcontext()
     with lock, _StopSignal(enabled=jax.process_count() == 1) as stop:
         return _train_locked(config, workdir, stop, progress=progress, log_fn=log_fn, state_shardings=state_shardings,
-                             batch_sharding=batch_sharding, is_main_host=is_main_host, devices=devices)
+                             batch_sharding=batch_sharding, is_main_host=is_main_host, devices=devices,
+                             final_eval=final_eval)
 
 
 def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress: bool, log_fn: Callable[[str], None],
                   state_shardings: Any, batch_sharding: Any, is_main_host: bool,
-                  devices: Optional[Sequence[jax.Device]]) -> dict:
+                  devices: Optional[Sequence[jax.Device]], final_eval: bool) -> dict:
     from tqdm.auto import tqdm
 
     from ling_jax import sharding as sharding_lib
@@ -396,8 +398,10 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
             reason = stop_requested(int(state.step))
             if reason:
                 raise Preempted(int(state.step), reason)
-            final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
-            log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
+            final = {}
+            if final_eval:
+                final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
+                log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
     finally:
         bar.close()
         manager.close()
