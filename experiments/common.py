@@ -61,7 +61,9 @@ SIZES: dict[str, Sizes] = {
     # Seconds: the test-suite preset (2 layers, d_model 32, 2 steps, one seed).
     "smoke": Sizes(
         base="cpu-tiny",
-        model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_seq_len=64),
+        # two inference buckets (empty, all): the bucketed depth path with the fewest branches to compile
+        model={"d_model": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 64, "max_seq_len": 64,
+               "depth.infer_buckets": "0,1.0"},
         train=dict(batch_size=4, seq_len=48, steps=2, warmup_steps=1, learning_rate=3e-3),
         seeds=1, eval_batches=1, time_repeats=1,
         task_options={"mqar": "num_pairs=4,num_queries=4,filler_fraction=0.5,num_keys=8,num_values=8",
