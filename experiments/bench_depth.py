@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
-import time
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import DepthConfig, get_preset
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, forward_with_stats
+from ling_jax.provenance import Provenance
+from ling_jax.timing import median_times
 from ling_jax.train import init_state, make_train_step
 
 
@@ -58,6 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
     parser.add_argument("--json", type=str, default="")
     args = parser.parse_args(argv)
+    prov = Provenance("experiments/bench_depth.py", argv)
 
     configs = {
         "dense": build(args.seq_len, args.batch, DepthConfig()),
@@ -79,15 +77,9 @@ def main(argv=None) -> dict:
             states[name], m = steps[name](states[name], batch)
             jax.block_until_ready(m)
 
-    times = {name: [] for name in configs}
-    for _ in range(args.steps):  # interleaved, so background load affects both alike
-        for name in configs:
-            start = time.perf_counter()
-            states[name], m = steps[name](states[name], batch)
-            jax.block_until_ready(m)
-            times[name].append(time.perf_counter() - start)
-
-    t_dense, t_mod = statistics.median(times["dense"]), statistics.median(times["mod"])
+    # interleaved, so background load affects both alike
+    t = median_times({name: (steps[name], (states[name], batch)) for name in configs}, args.steps)
+    t_dense, t_mod = t["dense"], t["mod"]
     measured = t_dense / t_mod
     ideal = flops["dense"][0] / flops["mod"][0]
     ideal_causal = flops["dense"][1] / flops["mod"][1]
@@ -101,8 +93,7 @@ def main(argv=None) -> dict:
     for key, value in result.items():
         print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        prov.write(args.json, result, config=configs)
     print(f"mod_fraction_of_ideal {result['mod_fraction_of_ideal']:.3f}")
     return result
 

@@ -12,11 +12,8 @@ fraction of the ideal 1 / (1 - sparsity) (target >= 0.8), plus the dense kernel 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ling_jax.provenance import Provenance  # noqa: E402
 from ling_jax.testing import tolerances  # noqa: E402
+from ling_jax.timing import median_time  # noqa: E402
 from pallas_kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     count_visited_blocks,
@@ -55,13 +54,7 @@ def _add_attention_args(p: argparse.ArgumentParser) -> None:
 
 
 def _time_ms(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * median_time(fn, *args, repeats=iters)
 
 
 def _attn_numerics(impls, interpret) -> dict:
@@ -347,30 +340,23 @@ def main(argv=None) -> dict:
     _add_attention_args(p)
     _add_gmm_args(p)
     args = p.parse_args(argv)
+    prov = Provenance("experiments/bench_kernels.py", argv)
     if args.tpu:
         if jax.default_backend() != "tpu":
             p.error(f"--tpu needs a TPU backend, found {jax.default_backend()!r} (devices: {jax.devices()})")
         args.attn_sweep_seqs = args.attn_sweep_seqs or [4096, 8192, 16384, 32768]
         args.attn_sweep_blocks = ["rule", "128x128"]
         args.gmm_sweep_tilings = args.gmm_sweep_tilings or ["rule", "128,128,128", "512,512,512"]
-    wall_start = time.perf_counter()
     results: dict = {}
     if "attention" in args.sections:
         results.update(bench_attention(args))
     if "gmm" in args.sections:
         results.update(bench_gmm(args))
-    import subprocess
-
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    results.update(command="python experiments/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   git_revision=rev, jax_version=jax.__version__, devices=str(jax.devices()),
-                   wall_s=time.perf_counter() - wall_start)
+    results.update(jax_version=jax.__version__, devices=str(jax.devices()))
     for key, val in results.items():
         print(f"{key}: {val:.6g}" if isinstance(val, float) else f"{key}: {val}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        prov.write(args.json, dict(sorted(results.items())), config=vars(args))
     headline = next((k for k in HEADLINE_KEYS if k in results), None)
     if headline is not None:
         print(f"headline {headline} = {results[headline]:.4g}")

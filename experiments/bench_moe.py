@@ -59,7 +59,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from ling_jax.layers import moe_routers as routers  # noqa: E402
 from ling_jax.layers.moe_dispatch import capacity_keep, dispatch  # noqa: E402
+from ling_jax.provenance import Provenance  # noqa: E402
 from ling_jax.routing import expert_capacity  # noqa: E402
+from ling_jax.timing import interleaved  # noqa: E402
 
 EXPERTS = (8, 32, 64)
 TOP_KS = (1, 2, 8)
@@ -76,20 +78,6 @@ def moe_forward(impl: str, top_k: int, capacity_factor: float, **options):
         return dispatch(x, r.ids, r.weights, active, w_gate, w_up, w_down, impl=impl, capacity=cap, **options)
 
     return jax.jit(fn)
-
-
-def interleaved(fns: dict, args: dict, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
-    """(wall, cpu) seconds of every call of each function over interleaved rounds (after a warm-up)."""
-    for name, f in fns.items():
-        jax.block_until_ready(f(*args[name]))
-    times = {name: ([], []) for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(f(*args[name]))
-            times[name][0].append(time.perf_counter() - w0)
-            times[name][1].append(time.process_time() - c0)
-    return times
 
 
 def ratio(base: list[float], other: list[float]) -> float:
@@ -120,9 +108,9 @@ def bench_config(num_x: int, top_k: int, a) -> dict:
     # The GShard impl allocates [T, X, C] buffers of up to ~0.6 GB; interleaved with the others it
     # made the following dense matmul up to 3x slower, so it is timed in its own rounds.
     gshard = {k: fns.pop(k) for k in ("dense",) if k in fns}
-    times = interleaved(fns, args, a.rounds)
+    times = interleaved({k: (f, args[k]) for k, f in fns.items()}, a.rounds)
     if gshard:
-        times.update(interleaved(gshard, args, a.rounds))
+        times.update(interleaved({k: (f, args[k]) for k, f in gshard.items()}, a.rounds))
     wall0, cpu0 = times.pop("dense_matmul")
     wallp, _ = times.pop("peak_matmul")
     flop_ratio = (3 * f * top_k + num_x) / (3 * f)  # active FLOPs / peak-matmul FLOPs
@@ -165,14 +153,8 @@ def _isolated(num_x: int, top_k: int, argv: list[str]) -> dict:
 def machine_matmul_gflops(n: int = 2048, calls: int = 10) -> float:
     """The machine's float32 matmul rate: best of ``calls`` square ``n`` matmuls (GFLOP/s)."""
     a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    jax.block_until_ready(mm(a, a))
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a, a))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    wall, _ = interleaved({"matmul": (jax.jit(jnp.matmul), (a, a))}, calls)["matmul"]
+    return 2 * n**3 / min(wall) / 1e9
 
 
 def main(argv=None) -> dict:
@@ -191,6 +173,7 @@ def main(argv=None) -> dict:
                    help="measure every configuration in this process (default: one fresh process each)")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
+    prov = Provenance("experiments/bench_moe.py", argv)
 
     result: dict = {"backend": jax.default_backend(), "tokens": a.tokens, "d_model": a.d_model,
                     "expert_dim": a.expert_dim, "rounds": a.rounds, "cpu_count": os.cpu_count(),
@@ -225,14 +208,8 @@ def main(argv=None) -> dict:
     result["best_fraction_of_peak"] = min(best_peak.values())
     result["seconds"] = time.perf_counter() - start
     result["load_average_1min_end"] = os.getloadavg()[0]
-    import subprocess
-
-    result["command"] = "python experiments/bench_moe.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result["git_revision"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        prov.write(a.json, result, config=vars(a), indent=1)
     print(f"best_fraction_of_dense_cpu = {result['best_fraction_of_dense_cpu']:.3f}")
     print(f"best_fraction_of_peak = {result['best_fraction_of_peak']:.3f}")
     print(f"machine matmul {peak_gflops:.0f} GFLOP/s; best_fraction_of_machine_peak = "

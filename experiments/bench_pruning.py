@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -39,21 +37,9 @@ from ling_jax.layers import kv_cache  # noqa: E402
 from ling_jax.layers.attention import Attention, AttentionMask  # noqa: E402
 from ling_jax.ledger import ledger_from_intermediates  # noqa: E402
 from ling_jax.model import Transformer, forward_with_stats, init_params  # noqa: E402
-from ling_jax.token_state import TokenState
-
-
-def median_times(calls: dict, repeats: int) -> dict:
-    """Median wall time of each ``name -> (fn, args)`` after a warm-up call. The calls are timed in
-    turn within every repeat, so load drift on a shared machine hits all of them alike."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+from ling_jax.provenance import Provenance  # noqa: E402
+from ling_jax.timing import median_times  # noqa: E402
+from ling_jax.token_state import TokenState  # noqa: E402
 
 
 def pruned(cfg: ModelConfig, budget: int, args, compaction: bool) -> ModelConfig:
@@ -197,6 +183,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    prov = Provenance("experiments/bench_pruning.py", argv)
 
     cfg = dataclasses.replace(get_preset(args.preset).model, max_seq_len=max(args.seq_len, args.context + args.decode_steps))
     model = Transformer(pruned(cfg, 64, args, compaction=False))  # parameters with the pruners' scorers
@@ -206,9 +193,7 @@ def main(argv=None) -> dict:
     result.update(bench_prefill(cfg, params, args))
     result.update(bench_decode(cfg, params, args))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        prov.write(args.json, result, config=cfg)
     fracs = ", ".join(f"{k}: {v:.2f}" for k, v in result["prefill_fraction_of_ideal"].items())
     print(f"decode at context {args.context}, budget {result['decode_budget_slots']}: KV bytes {result['decode_kv_bytes_ratio']:.1f}x "
           f"fewer (target >= 5), attention step {result['decode_attention_speedup']:.2f}x faster (target >= 3)")

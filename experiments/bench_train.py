@@ -15,17 +15,12 @@ update and host data time, each as a jitted program timed side by side with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,32 +28,16 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 from ling_jax.config import apply_overrides, get_preset
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, forward_with_stats
+from ling_jax.provenance import Provenance
+from ling_jax.timing import median_time
 from ling_jax.train import cross_entropy, init_state, make_train_step
-
-
-def _time(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) after one warm-up call (blocks on the result)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def matmul_flops_per_sec(n: int, repeats: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
-    return 2.0 * n**3 / _time(f, a, b, repeats=repeats)
+    return 2.0 * n**3 / median_time(f, a, b, repeats=repeats)
 
 
 def main(argv=None) -> dict:
@@ -71,7 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile-repeats", type=int, default=7)
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
-    wall_start = time.perf_counter()
+    prov = Provenance("experiments/bench_train.py", argv)
     load_start = os.getloadavg()[0]
 
     config = apply_overrides(get_preset(args.preset), args.overrides)
@@ -86,9 +65,9 @@ def main(argv=None) -> dict:
     train_flops = 3.0 * ledger_from_intermediates(config.model, inter).computed
 
     step = jax.jit(make_train_step(config, model))
-    step_time = _time(lambda s: step(s, batch)[1]["loss"], state, repeats=args.steps)
+    step_time = median_time(lambda s: step(s, batch)[1]["loss"], state, repeats=args.steps)
     peak = matmul_flops_per_sec(args.matmul_size, repeats=5)
-    step_time = min(step_time, _time(lambda s: step(s, batch)[1]["loss"], state, repeats=args.steps))
+    step_time = min(step_time, median_time(lambda s: step(s, batch)[1]["loss"], state, repeats=args.steps))
 
     achieved = train_flops / step_time
     result = {
@@ -117,21 +96,15 @@ def main(argv=None) -> dict:
         result.update(profile_parts(config, state.params, step, (state, batch), data.train_batch, whole=whole,
                                     repeats=args.profile_repeats, train_flops=train_flops,
                                     matmul_size=args.matmul_size))
-    result.update({
-        "command": "python " + " ".join(shlex.quote(a) for a in ["experiments/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
-        "git_revision": _git_revision(),
-        "config": {"model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
-                                                                   "mlp_dim", "vocab_size", "attention_impl")},
-                   "batch_size": t.batch_size, "seq_len": t.seq_len, "matmul_size": args.matmul_size},
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_start": load_start,
-        "wall_s": time.perf_counter() - wall_start,
-    })
+    result.update({"cpu_count": os.cpu_count(), "load_average_1min_start": load_start,
+                   "config_summary": {"model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads",
+                                                                             "num_kv_heads", "mlp_dim", "vocab_size",
+                                                                             "attention_impl")},
+                              "batch_size": t.batch_size, "seq_len": t.seq_len, "matmul_size": args.matmul_size}})
     for key, value in result.items():
         print(f"{key:>40}: {value:.4g}" if isinstance(value, float) else f"{key:>40}: {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        prov.write(args.json, result, config=config)
     print(f"fraction_of_matmul_peak = {result['fraction_of_matmul_peak']:.3f}")
     return result
 

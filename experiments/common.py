@@ -1,20 +1,16 @@
-"""Shared experiment machinery: presets and configs, resumable results files, helpers.
+"""What the experiment scripts share: preset sizes, the config of one run, resumable results files.
 
-Every experiment script (``sweep_pruning.py``, ``ablate_moe.py``, ``ablate_depth.py``,
-``combined.py``) uses this module the same way:
+Training, checkpoints, resume, evaluation and timing are ``ling_jax``'s (:mod:`ling_jax.runs`,
+:mod:`ling_jax.evaluation`, :mod:`ling_jax.timing`); provenance is :mod:`ling_jax.provenance`.
+Every script (``sweep_pruning.py``, ``ablate_moe.py``, ``ablate_depth.py``, ``combined.py``):
 
-* :func:`make_config` builds a :class:`~ling_jax.config.Config` for one (task, variant, seed) from
-  the preset's model/train sizes and the variant's overrides;
-* :func:`train_or_load` (:mod:`experiments.training`) trains it once and caches the final parameters under
-  ``<results>/runs/<preset>/<task>/<variant>/seed<k>/`` (a later call, or a resumed script,
-  loads them; a run interrupted mid-training restarts that one run);
-* :func:`evaluate` (:mod:`experiments.evaluation`) runs the evaluation batches through a (possibly inference-modified) model and
-  returns quality (accuracy, or bits per byte for text), the ledger's token reduction factor and
-  the fraction of tokens kept; :func:`time_relative` times it against the dense model;
-* :class:`ResultsFile` appends one JSON line per finished point and tells the script which points
-  are done, so an interrupted script resumes where it stopped.
-
-The training and evaluation functions are re-exported here, so scripts use ``common`` alone.
+* :func:`make_config`: the :class:`~ling_jax.config.Config` of one (task, variant, seed): the
+  preset's sizes plus the variant's dotted overrides, through :func:`ling_jax.config.apply_overrides`;
+* :func:`train_or_load`: trains it once in ``<results>/runs/<preset>/<task>/<variant>/seed<k>/``
+  (a ling_jax workdir: orbax checkpoints, resumed mid-run, refused if trained with other settings);
+* :func:`evaluate` and :func:`ling_jax.timing.time_relative`: quality, token reduction, timing;
+* :class:`ResultsFile` appends one JSON line per finished point, so an interrupted script resumes;
+  :class:`RunMeta` writes the ``<name>.meta.json`` provenance beside it.
 """
 
 from __future__ import annotations
@@ -23,23 +19,22 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from experiments.evaluation import (  # noqa: F401  (re-exported)
-    LN2, dense_of, evaluate, median_time, relative_loss, time_decode_relative, time_relative,
-)
-from experiments.training import (  # noqa: F401  (re-exported)
-    Trained, atomic_write, eval_batches, run_dir_for, setup_jax, train_or_load,
-)
-from ling_jax.config import Config, ModelConfig, get_preset
+from ling_jax.config import Config, ModelConfig, apply_overrides, get_preset
+from ling_jax.evaluation import evaluate as _evaluate
+from ling_jax.evaluation import relative_loss  # noqa: F401  (re-exported)
+from ling_jax.provenance import Provenance, checkpoint_provenance
+from ling_jax.runs import Trained
+from ling_jax.runs import train_or_load as _train_or_load
+from ling_jax.timing import time_decode_relative, time_relative  # noqa: F401  (re-exported)
+from ling_jax.workdir import atomic_write
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PRESETS = ("smoke", "cpu", "tpu")
 
@@ -63,11 +58,13 @@ class Sizes:
 
 
 SIZES: dict[str, Sizes] = {
-    # Seconds: the test-suite preset (2 layers, d_model 32, 40 steps, one seed).
+    # Seconds: the test-suite preset (2 layers, d_model 32, 2 steps, one seed).
     "smoke": Sizes(
         base="cpu-tiny",
-        model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_seq_len=64),
-        train=dict(batch_size=4, seq_len=48, steps=4, warmup_steps=1, learning_rate=3e-3),
+        # two inference buckets (empty, all): the bucketed depth path with the fewest branches to compile
+        model={"d_model": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 64, "max_seq_len": 64,
+               "depth.infer_buckets": "0,1.0"},
+        train=dict(batch_size=4, seq_len=48, steps=2, warmup_steps=1, learning_rate=3e-3),
         seeds=1, eval_batches=1, time_repeats=1,
         task_options={"mqar": "num_pairs=4,num_queries=4,filler_fraction=0.5,num_keys=8,num_values=8",
                       "needle": "num_needles=2,num_keys=16,num_values=16",
@@ -110,56 +107,59 @@ def sizes(preset: str) -> Sizes:
     return SIZES[preset]
 
 
-def make_config(preset: str, task: str, seed: int, overrides: Mapping[str, Any] = (), train_overrides: Mapping[str, Any] = ()) -> Config:
-    """The config of one training run: preset sizes + task + seed + variant overrides.
-
-    ``overrides`` are dotted config paths with Python values (``{"model.pruning.enabled": True}``);
-    every sub-config changes in one step, so only the final combination has to be valid.
-    """
+def make_config(preset: str, task: str, seed: int, overrides: Mapping[str, Any] = (),
+                train_overrides: Mapping[str, Any] = ()) -> Config:
+    """The config of one training run: preset sizes + task + seed + ``train_overrides`` (e.g.
+    ``{"train.steps": 50}``) + variant ``overrides`` (dotted config paths with Python values,
+    ``{"model.pruning.enabled": True}``), all applied together by ``apply_overrides``."""
     s = sizes(preset)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
     flat: dict[str, Any] = {f"model.{k}": v for k, v in s.model.items()}
     flat.update({f"train.{k}": v for k, v in s.train.items()})
     flat.update({"train.seed": seed, "train.eval_batches": s.eval_batches, "train.log_every": 10 ** 9,
-                 "data.task": task, "data.task_options": s.task_options[task]})
-    flat.update(dict(train_overrides))
-    flat.update(dict(overrides))
-    base = get_preset(s.base)
-    parts: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}, "mesh": {}}
-    for key, value in flat.items():
-        section, _, rest = key.partition(".")
-        if section not in parts or not rest:
-            raise ValueError(f"override {key!r}: sections are {sorted(parts)}")
-        parts[section][rest] = value
-    model = with_model(base.model, parts["model"])
-    sub = {name: dataclasses.replace(getattr(base, name), **parts[name]) for name in ("train", "data", "mesh")}
-    return Config(model=model, preset=base.preset, **sub)
+                 "train.checkpoint_every": s.train["steps"], "data.task": task,
+                 "data.task_options": s.task_options[task]})
+    return apply_overrides(get_preset(s.base), {**flat, **dict(train_overrides), **dict(overrides)})
 
 
 def with_model(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
-    """A model config with overrides relative to the model (``{"pruning.threshold": 0.3}``).
+    """An inference variant of a trained model: overrides relative to the model (``{"pruning.threshold": 0.3}``)."""
+    return apply_overrides(config, overrides)
 
-    Fields of one sub-config change together (one ``dataclasses.replace``), so a combination that
-    is only valid as a whole (``baseline="window"`` with ``inference_rule="budget"``) is accepted.
-    Values are Python values of the field's type (not strings).
-    """
-    groups: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if "." in key:
-            group, name = key.split(".", 1)
-            groups.setdefault(group, {})[name] = value
-        else:
-            top[key] = value
-    for group, fields in groups.items():
-        sub = getattr(config, group)
-        known = {f.name for f in dataclasses.fields(sub)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown override(s) {[f'{group}.{u}' for u in unknown]}; {group} fields: {sorted(known)}")
-        top[group] = dataclasses.replace(sub, **fields)
-    return dataclasses.replace(config, **top)
+
+def run_dir_for(results_root: Path, preset: str, task: str, variant: str, seed: int) -> Path:
+    return Path(results_root) / "runs" / preset / task / variant / f"seed{seed}"
+
+
+def train_or_load(config: Config, run_dir: Path, *, sharded: bool = False, progress: bool = False) -> Trained:
+    """One training run (:func:`ling_jax.runs.train_or_load`); unsharded presets train on one device."""
+    return _train_or_load(config, run_dir, devices=None if sharded else jax.devices()[:1], progress=progress,
+                          final_eval=False)  # the scripts evaluate every point themselves
+
+
+def eval_batches(config: Config, batch_size: int = 0) -> list[dict]:
+    """The held-out batches of a config (``batch_size``: rows per batch, 0 = the training batch)."""
+    from ling_jax.pipeline import build_data
+
+    if batch_size:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
+    return [b.as_dict() for b in build_data(config).eval_batches()]
+
+
+def evaluate(*args, **kwargs) -> dict:
+    """:func:`ling_jax.evaluation.evaluate`, plus ``trf``: the *ideal* token reduction factor under
+    the name the results files and report.py use; the realized one is ``trf_computed`` beside it."""
+    r = _evaluate(*args, **kwargs)
+    return {**r, "trf": r["trf_ideal"]}
+
+
+def setup_jax(results_root: Path) -> None:
+    """Persistent compilation cache under the runs (compiles repeat across scripts and resumes)."""
+    cache = Path(results_root) / "runs" / "jax_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def metric_of(task: str) -> str:
@@ -293,8 +293,10 @@ def aggregate(records: Sequence[Mapping[str, Any]], group: Sequence[str], values
 
 
 class RunMeta:
-    """The ``<name>.meta.json`` of a results file: the command that made it, its preset, and the wall
-    time accumulated over invocations (written as the invocation goes, so an interrupted one counts)."""
+    """The ``<name>.meta.json`` of a results file: :class:`~ling_jax.provenance.Provenance` (command,
+    git revision, library versions, wall time), the preset, the configs of the runs it trained or
+    read with their checkpoints' provenance, and the wall time accumulated over invocations
+    (rewritten as the invocation goes, so an interrupted one counts)."""
 
     def __init__(self, path: Path, *, script: str, preset: str, argv: Sequence[str]):
         self.path = Path(path)
@@ -302,19 +304,22 @@ class RunMeta:
         same = old.get("preset") == preset
         self.base_wall = float(old.get("wall_s", 0.0)) if same else 0.0
         self.invocation = (int(old.get("invocations", 0)) if same else 0) + 1
-        self.start = time.perf_counter()
-        self.fields = {
-            "command": "python " + " ".join(shlex.quote(a) for a in [f"experiments/{script}", *argv]),
-            "preset": preset, "backend": jax.default_backend(), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        }
+        self.provenance = Provenance(f"experiments/{script}", argv)
+        self.fields: dict[str, Any] = {"preset": preset}
+        self.runs: dict[str, Trained] = {}
+
+    def read(self, trained: Trained) -> Trained:
+        """Records a training run this results file uses (its config and checkpoint)."""
+        self.runs[trained.info["workdir"]] = trained
+        return trained
 
     def write(self, extra: Mapping[str, Any] = (), *, finished: bool = False) -> None:
-        meta = {**self.fields, **dict(extra), "invocations": self.invocation, "finished": finished,
-                "wall_s": round(self.base_wall + time.perf_counter() - self.start, 1)}
         self.fields.update(dict(extra))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        prov = self.provenance.fields()
+        runs = {wd: {**checkpoint_provenance(wd), "train_seconds": t.info["train_seconds"]} for wd, t in self.runs.items()}
+        meta = {**prov, **self.fields, "invocations": self.invocation, "finished": finished, "runs": runs,
+                "wall_s": round(self.base_wall + prov["wall_s"], 1)}
+        atomic_write(self.path, (json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
 def results_paths(results_root: Path, preset: str, name: str) -> tuple[Path, Path, Path]:
@@ -326,7 +331,7 @@ def results_paths(results_root: Path, preset: str, name: str) -> tuple[Path, Pat
 def common_args(parser, default_preset: str = "cpu") -> None:
     parser.add_argument("--preset", default=default_preset, choices=PRESETS)
     parser.add_argument("--results", type=Path, default=RESULTS_ROOT,
-                        help="results root: <results>/<preset>/*.jsonl|csv, <results>/runs/ (cache), <results>/figures/")
+                        help="results root: <results>/<preset>/*.jsonl|csv, <results>/runs/ (training workdirs), <results>/figures/")
     parser.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
     parser.add_argument("--tasks", default=None, help="comma list of tasks (default: all)")
     parser.add_argument("--no-progress", action="store_true")

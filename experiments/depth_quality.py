@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,9 @@ from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.policy import inference_policy
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
-from ling_jax.train import LN2, load_trained, train
+from ling_jax.provenance import Provenance
+from ling_jax.runs import train_or_load
+from ling_jax.train import LN2, cross_entropy, load_trained
 
 THRESHOLDS = {
     "margin": (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.92, 0.9, 0.88, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5),
@@ -125,10 +126,9 @@ class Evaluator:
         preds = []
         for i, b in enumerate(batches):
             logits, inter, used = self.fwd(self.state.params, self.state.extra, b.inputs, jnp.float32(threshold))
-            logp = jax.nn.log_softmax(logits, -1)
             mask = b.loss_mask
-            nll += float(-jnp.sum(jnp.take_along_axis(logp, b.targets[..., None], -1)[..., 0] * mask))
-            count += float(mask.sum())
+            ce, n = cross_entropy(logits, b.targets, mask)
+            nll, count = nll + float(ce * n), count + float(n)
             pred = np.asarray(jnp.argmax(logits, -1))
             preds.append(pred)
             if reference is not None:
@@ -164,13 +164,14 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", default="", help="reuse trained models here (default: a fresh temp dir)")
     p.add_argument("--json", default="experiments/results/depth_quality.json")
     args = p.parse_args(argv)
+    prov = Provenance("experiments/depth_quality.py", argv)
     start = time.perf_counter()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="depth_quality_"))
 
-    trained = {}
-    for name, config in configs(args).items():
+    trained, runs = {}, configs(args)
+    for name, config in runs.items():
         t0 = time.perf_counter()
-        train(config, workdir / name, progress=False, log_fn=lambda s: None)
+        train_or_load(config, workdir / name)
         trained[name] = load_trained(workdir / name)
         print(f"trained {name:5s} {config.train.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
     batches = build_data(trained["dense"][0]).eval_batches()
@@ -255,8 +256,8 @@ def main(argv=None) -> dict:
     print(f"exit: {result['exit_layer_reduction']:.2f}x fewer layers (target >= 1.5x), agreement {result['exit_agreement']:.4f} "
           f"(target >= 0.98) with {conf} > {thr}: {'PASS' if result['exit_pass'] else 'MISS'}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**result, "exit_sweeps": sweeps}, indent=2) + "\n")
+        prov.write(args.json, {**result, "exit_sweeps": sweeps}, config=runs,
+                   checkpoints=[workdir / name for name in runs])
     print(f"wall {result['wall_s']:.0f}s")
     return result
 

@@ -80,6 +80,10 @@ def main() -> int:
     ap.add_argument("--root", help="where the two workdirs go (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    from ling_jax.provenance import Provenance
+    from ling_jax.workdir import recorded_config
+
+    prov = Provenance("experiments/kill_resume.py")
     rng = random.Random(args.seed)
     started = time.time()
     root = Path(args.root or tempfile.mkdtemp(prefix="kill_resume_"))
@@ -166,9 +170,7 @@ def main() -> int:
     _, _, got_state = load_trained(victim)
     interrupted = [a for a in attempts if not a["finished_before_signal"]]
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "git_revision": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "config": {"preset": "cpu-tiny", "steps": args.steps, "checkpoint_every": args.checkpoint_every,
+        "run": {"preset": "cpu-tiny", "steps": args.steps, "checkpoint_every": args.checkpoint_every,
                    "batch_size": 8, "seq_len": 32, "keep_checkpoints": 2, "devices": 1, "seed": args.seed},
         "sigkills": sum(a["signal"] == "SIGKILL" for a in interrupted),
         "sigkills_during_save": sum(a["during_save"] for a in interrupted),
@@ -186,7 +188,7 @@ def main() -> int:
     ok = (result["losses_bit_identical"] and result["final_state_bit_identical"] and final.returncode == 0
           and result["unexpected_errors"] == 0 and result["sigterms_no_step_lost"] == result["sigterms"])
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        prov.write(args.json, result, config=recorded_config(reference), checkpoints=[reference, victim], indent=1)
     print(f"{result['sigkills']} SIGKILLs ({result['sigkills_during_save']} during a save, "
           f"{result['sigkills_at_startup']} at startup), {result['sigterms']} SIGTERMs "
           f"({result['sigterms_no_step_lost']} lost no step); losses bit-identical: {result['losses_bit_identical']}, "

@@ -45,7 +45,9 @@ from ling_jax.layers.moe_routers import max_mean_load  # noqa: E402
 from ling_jax.ledger import ledger_from_intermediates, param_count  # noqa: E402
 from ling_jax.model import forward_with_stats  # noqa: E402
 from ling_jax.pipeline import build_data  # noqa: E402
-from ling_jax.train import load_trained, train  # noqa: E402
+from ling_jax.provenance import Provenance  # noqa: E402
+from ling_jax.runs import train_or_load  # noqa: E402
+from ling_jax.train import load_trained  # noqa: E402
 
 
 def configs(a) -> dict[str, Config]:
@@ -96,6 +98,12 @@ def final_loads(workdir: Path, last_steps: int = 20) -> tuple[dict, dict, float]
     return train_loads, valid_loads, flops_per_token
 
 
+def _final_eval(workdir: Path) -> dict:
+    """The final evaluation ``ling_jax.train.train`` logged in the workdir's metrics.jsonl."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {k[len("eval_"):]: v for k, v in lines[-1].items() if k.startswith("eval_")}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=800)
@@ -105,15 +113,18 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary directory)")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
+    prov = Provenance("experiments/moe_vs_dense.py", argv)
 
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="moe_vs_dense_"))
     result: dict = {"preset": "cpu-small", "steps": a.steps, "seed": a.seed, "bias_update_rate": a.bias_rate,
                     "router": a.router}
     start = time.perf_counter()
-    for name, cfg in configs(a).items():
+    runs = configs(a)
+    for name, cfg in runs.items():
         t0 = time.perf_counter()
-        final = train(cfg, root / name, progress=False, log_fn=lambda s: None)
+        train_or_load(cfg, root / name)
         _, model, state = load_trained(root / name)
+        final = _final_eval(root / name)
         total = param_count(state.params)
         result[f"{name}_bpb"] = final["bpb"]
         result[f"{name}_params"] = total
@@ -133,9 +144,7 @@ def main(argv=None) -> dict:
     result["balanced"] = result["moe_max_mean_load"] <= 1.3
     result["seconds"] = time.perf_counter() - start
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        prov.write(a.json, result, config=runs, checkpoints=[root / name for name in runs], indent=1)
     print(f"moe max/mean expert load per layer, last {20} training batches: {result['moe_max_mean_load_per_layer']}")
     print(f"moe max/mean expert load per layer, validation: {result['moe_max_mean_load_validation_per_layer']}")
     print(f"dense bpb {result['dense_bpb']:.4f}  moe bpb {result['moe_bpb']:.4f}  "

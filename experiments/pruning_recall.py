@@ -27,24 +27,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
+import tempfile
 import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ling_jax import generate as gen  # noqa: E402
-from ling_jax.config import Config, ModelConfig, PruningConfig, TrainConfig, get_preset  # noqa: E402
+from ling_jax.config import Config, DataConfig, ModelConfig, PruningConfig, TrainConfig, get_preset  # noqa: E402
 from ling_jax.data import make_task  # noqa: E402
 from ling_jax.data.tasks import make_batch  # noqa: E402
-from ling_jax.model import Transformer  # noqa: E402
-from ling_jax.train import init_state, make_train_step  # noqa: E402
-from ling_jax.token_state import TokenState
+from ling_jax.evaluation import evaluate  # noqa: E402
+from ling_jax.provenance import Provenance  # noqa: E402
+from ling_jax.runs import init_workdir, train_or_load  # noqa: E402
 
 POLICIES = ("dense", "learned", "sinks+window", "h2o", "tova", "random", "oracle")
 DECODED = ("h2o", "tova")  # attention-driven: evaluated through the KV cache
@@ -57,8 +53,8 @@ def pruning(args, **kw) -> PruningConfig:
     return PruningConfig(**{**base, **kw})
 
 
-def model_config(args, pc: PruningConfig, seq_len: int) -> ModelConfig:
-    return dataclasses.replace(get_preset("cpu-tiny").model, max_seq_len=max(seq_len, args.seq_len), pruning=pc)
+def model_config(args, pc: PruningConfig) -> ModelConfig:
+    return dataclasses.replace(get_preset("cpu-tiny").model, max_seq_len=args.seq_len, pruning=pc)
 
 
 def policy_config(args, policy: str) -> ModelConfig:
@@ -72,46 +68,16 @@ def policy_config(args, policy: str) -> ModelConfig:
         "random": pruning(args, **hard, baseline="random", seed=args.seed),
         "oracle": pruning(args, **hard, baseline="oracle"),
     }[policy]
-    return model_config(args, pc, args.seq_len)
+    return model_config(args, pc)
 
 
-def train_phase(args, state, task, seq_len: int, steps: int, batch_size: int, pc: PruningConfig, log) -> object:
-    """Trains ``steps`` steps (fresh optimizer state and LR schedule); returns the new state."""
-    mc = model_config(args, pc, seq_len)
-    cfg = Config(model=mc, train=TrainConfig(batch_size=batch_size, seq_len=seq_len, steps=steps, learning_rate=args.lr,
-                                             warmup_steps=min(100, steps // 10), weight_decay=0.01))
-    model = Transformer(mc)
-    fresh = init_state(cfg, model, jax.random.key(args.seed))
-    state = fresh if state is None else fresh.replace(params=state.params)
-    step_fn = jax.jit(make_train_step(cfg, model))
-    t0 = time.perf_counter()
-    for i in range(steps):
-        batch = make_batch(task, seed=args.seed, step=i + (0 if seq_len == args.seq_len else 10**6), batch_size=batch_size,
-                           seq_len=seq_len).as_dict()
-        state, metrics = step_fn(state, batch)
-        if (i + 1) % args.log_every == 0 or i + 1 == steps:
-            m = jax.device_get(metrics)
-            extra = f", keep loss {float(m['loss_pruning_keep']):.4f}" if "loss_pruning_keep" in m else ""
-            log(f"  step {i + 1:5d}/{steps}: ce {float(m['ce']):.3f}, answer accuracy {float(m['accuracy']):.3f}{extra} "
-                f"({time.perf_counter() - t0:.0f}s)")
-    return state
-
-
-def evaluate(args, params, policy: str, batches) -> float:
-    cfg = policy_config(args, policy)
-    correct = total = 0
-    if policy in DECODED:
-        predict = lambda b: gen.teacher_forced_decode(cfg, params, b.inputs)
-    else:
-        model = Transformer(cfg)
-        fwd = jax.jit(lambda p, x, oracle: model.apply({"params": p}, x, state=TokenState(oracle=oracle)))
-        predict = lambda b: fwd(params, b.inputs, b.oracle_mask)
-    for b in batches:
-        pred = np.asarray(jnp.argmax(predict(b), axis=-1))
-        mask = b.loss_mask > 0
-        correct += int((pred[mask] == b.targets[mask]).sum())
-        total += int(mask.sum())
-    return correct / total
+def phase_config(args, task, seq_len: int, steps: int, batch_size: int, pc: PruningConfig) -> Config:
+    """One training phase (fresh optimizer state and LR schedule) on MQAR batches of ``task``."""
+    options = ",".join(f"{f.name}={getattr(task, f.name)}" for f in dataclasses.fields(task))
+    train = TrainConfig(batch_size=batch_size, seq_len=seq_len, steps=steps, learning_rate=args.lr, seed=args.seed,
+                        warmup_steps=min(100, steps // 10), weight_decay=0.01, log_every=args.log_every,
+                        checkpoint_every=steps, eval_batches=1)
+    return Config(model=model_config(args, pc), train=train, data=DataConfig(task="mqar", task_options=options))
 
 
 def main(argv=None) -> dict:
@@ -136,8 +102,10 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-sequences", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--workdir", default="", help="keep the two training phases here (default: a temporary directory)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    prov = Provenance("experiments/pruning_recall.py", argv)
     log = lambda s: print(s, flush=True)
     start = time.perf_counter()
 
@@ -149,23 +117,27 @@ def main(argv=None) -> dict:
     log(f"MQAR: {args.pairs} pairs, {args.queries} queries, {args.filler:.0%} filler, T={args.seq_len}; "
         f"budget {budget} keys per query ({budget / args.seq_len:.0%} of T)")
 
-    state = None
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="pruning_recall_"))
+    filler = phase_config(args, task, args.seq_len, args.steps, args.batch,
+                          pruning(args, temperature=1.0, final_temperature=args.final_temperature, anneal_steps=args.steps))
     if args.short_steps:
         log(f"phase 1: {args.short_steps} steps at T={short_len} without filler (soft pruning, no keep regulariser)")
-        state = train_phase(args, state, short_task, short_len, args.short_steps, args.short_batch,
-                            pruning(args, regularizer_weight=0.0), log)
+        short = train_or_load(phase_config(args, short_task, short_len, args.short_steps, args.short_batch,
+                                           pruning(args, regularizer_weight=0.0)), root / "short", log_fn=log)
+        if not (root / "filler" / "config.json").exists():
+            init_workdir(filler, root / "filler", short.variables)
     log(f"phase 2: {args.steps} steps at T={args.seq_len} with {args.filler:.0%} filler (soft pruning, target keep "
         f"{args.target_keep}, temperature 1 -> {args.final_temperature})")
-    state = train_phase(args, state, task, args.seq_len, args.steps, args.batch,
-                        pruning(args, temperature=1.0, final_temperature=args.final_temperature, anneal_steps=args.steps), log)
+    variables = train_or_load(filler, root / "filler", log_fn=log).variables
     train_s = time.perf_counter() - start
 
     eval_batch = 128
-    batches = [make_batch(task, seed=args.seed + 7919, step=i, batch_size=eval_batch, seq_len=args.seq_len)
+    batches = [make_batch(task, seed=args.seed + 7919, step=i, batch_size=eval_batch, seq_len=args.seq_len).as_dict()
                for i in range(max(1, args.eval_sequences // eval_batch))]
     acc = {}
     for policy in POLICIES:
-        acc[policy] = evaluate(args, state.params, policy, batches)
+        acc[policy] = evaluate(policy_config(args, policy), variables, batches, "accuracy",
+                               decode=policy in DECODED)["accuracy"]
         log(f"  eval {policy:13s} {100 * acc[policy]:6.1f}%")
 
     gap_dense = 100 * (acc["dense"] - acc["learned"])
@@ -175,16 +147,16 @@ def main(argv=None) -> dict:
         "task": {"name": "mqar", "pairs": args.pairs, "queries": args.queries, "filler_fraction": args.filler,
                  "keys": args.keys, "values": args.values, "seq_len": args.seq_len},
         "budget_keys_per_query": budget, "budget_fraction_of_T": budget / args.seq_len,
-        "train_steps": {"short": args.short_steps, "filler": args.steps}, "eval_answers": int(sum((b.loss_mask > 0).sum() for b in batches)),
+        "train_steps": {"short": args.short_steps, "filler": args.steps},
+        "eval_answers": int(sum((b["loss_mask"] > 0).sum() for b in batches)),
         "accuracy": acc, "learned_minus_dense_points": -gap_dense,
         "learned_minus_window_points": margin_window, "learned_minus_h2o_points": margin_h2o,
         "within_2_points_of_dense": gap_dense <= 2.0, "beats_window_by_20": margin_window >= 20.0,
         "beats_h2o_by_20": margin_h2o >= 20.0, "train_seconds": train_s, "total_seconds": time.perf_counter() - start,
     }
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        prov.write(args.json, result, config=filler, checkpoints=[root / "short", root / "filler"] if args.short_steps
+                   else [root / "filler"])
     log("")
     log(f"MQAR, {args.filler:.0%} filler, T={args.seq_len}, at most {budget} keys per query ({budget / args.seq_len:.0%}):")
     log(f"  {'policy':13s} accuracy")

@@ -18,8 +18,6 @@ before and after fine-tuning (the ledger's ideal token reduction factor), with t
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     a = p.parse_args(argv)
+    from ling_jax.provenance import Provenance
+
+    prov = Provenance("experiments/retrofit.py", argv)
 
     from ling_jax.cli import _sweep
-    from ling_jax.config import apply_overrides, get_preset, to_dict
+    from ling_jax.config import apply_overrides, get_preset
     from ling_jax.interop.convert import convert
     from ling_jax.interop.hf import save_hf
     from ling_jax.sweep import best_within
@@ -65,10 +66,8 @@ def main(argv=None) -> int:
     tuned = train(config, root / "retro", progress=False)
     after = _sweep(root / "retro", progress=False)
     best_before, best_after = best_within(before), best_within(after)
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     result = {
-        "command": " ".join(["python", "experiments/retrofit.py", *(argv or sys.argv[1:])]),
-        "git_revision": rev, "preset": a.preset, "pretrain_steps": a.pretrain_steps, "finetune_steps": a.finetune_steps,
+        "preset": a.preset, "pretrain_steps": a.pretrain_steps, "finetune_steps": a.finetune_steps,
         "target_keep_ratio": a.keep,
         "dense_bpb": dense["bpb"], "imported_keep_all_bpb": before[0]["quality"],
         "finetuned_keep_all_bpb": after[0]["quality"], "finetuned_train_eval_bpb": tuned["bpb"],
@@ -76,11 +75,10 @@ def main(argv=None) -> int:
         "best_rule_before": f"{best_before['rule']} {best_before['value']}" if best_before else "none",
         "best_trf_within_2pct_after": best_after["token_reduction"] if best_after else 1.0,
         "best_rule_after": f"{best_after['rule']} {best_after['value']}" if best_after else "none",
-        "rows_before": before, "rows_after": after, "config": to_dict(config), "wall_time_s": time.time() - t0,
+        "rows_before": before, "rows_after": after, "wall_time_s": time.time() - t0,
     }
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1, default=str))
+        prov.write(a.json, result, config=config, checkpoints=[root / "dense", root / "retro"], indent=1)
     for key in ("dense_bpb", "imported_keep_all_bpb", "finetuned_keep_all_bpb", "best_trf_within_2pct_before",
                 "best_trf_within_2pct_after", "wall_time_s"):
         print(f"{key}: {result[key]}")

@@ -43,7 +43,7 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
     jsonl, csv_path, meta_path = C.results_paths(args.results, args.preset, name)
     results = C.ResultsFile(jsonl, KEY)
     meta = C.RunMeta(meta_path, script=f"{name}.py", preset=args.preset, argv=argv)
-    meta.write({"seeds": seeds, "tasks": list(tasks), "sizes": _plain(dataclasses.asdict(sz)),
+    meta.write({"seeds": seeds, "tasks": list(tasks), "sizes": dataclasses.asdict(sz),
                 "variants": [{"name": v.name, "train": dict(v.train), "points": [[l, dict(o)] for l, o in v.points]}
                              for v in variants], **dict(extra_meta)})
     pictures = Path(args.results) / args.preset / "pictures"
@@ -66,8 +66,8 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
                 if v.name not in trained:
                     cfg = C.make_config(args.preset, task, seed, v.train)
                     run = C.run_dir_for(args.results, args.preset, task, v.run_name or v.name, seed)
-                    trained[v.name] = C.train_or_load(cfg, run, progress=not args.no_progress,
-                                                      desc=f"train {task}/{v.name}/{seed}", sharded=sz.sharded)
+                    trained[v.name] = meta.read(C.train_or_load(cfg, run, sharded=sz.sharded,
+                                                                progress=not args.no_progress))
                 return trained[v.name]
 
             dense = get(variants[0])
@@ -90,7 +90,7 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
                     results.add({"task": task, "seed": seed, "variant": v.name, "point": label, "metric": metric,
                                  "train_overrides": json.dumps(dict(v.train), sort_keys=True),
                                  "point_overrides": json.dumps(dict(over), sort_keys=True),
-                                 "train_seconds": t.info.get("train_seconds"), **rec})
+                                 "train_seconds": t.info["train_seconds"], **rec})
                     bar.update(1)
                     meta.write()
             if want_picture:
@@ -104,12 +104,6 @@ def run_ablation(name: str, args, argv: Sequence[str], variants: Sequence[Varian
     C.write_csv(summary, csv_path.with_name(f"{name}_summary.csv"))
     meta.write(finished=True)
     return records
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
 
 
 def parse(description: str, argv=None):

@@ -32,10 +32,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import common as C  # noqa: E402
+from ling_jax.sweep import BASELINES, evaluate_point, point_config  # noqa: E402
 
 NAME = "sweep_pruning"
 KEY = ("task", "seed", "weights", "method", "rule", "value", "compaction")
-BASELINES = ("random", "window", "h2o", "tova", "oracle")
 # Decode cost depends only on how a policy scores its cache: a learned score, a fixed priority
 # (random / window / oracle cost the same) or attention-updated scores (h2o / tova cost the same).
 DECODE_TIMED = ("learned", "window", "h2o")
@@ -57,8 +57,8 @@ class Sweep:
 
 
 SWEEPS = {
-    # smoke: one baseline per code path (parallel priority, decode-time attention scores, oracle)
-    "smoke": Sweep(thresholds=(0.5,), budgets=(12,), baselines=("window", "h2o", "oracle"), window=4, num_sinks=1,
+    # smoke: one baseline per code path (a parallel priority, decode-time attention scores)
+    "smoke": Sweep(thresholds=(0.5,), budgets=(12,), baselines=("window", "h2o"), window=4, num_sinks=1,
                    target_keep_ratio=0.5, layers="all", decode_timing=True, decode_tokens=2,
                    decode_methods=("learned",)),
     "cpu": Sweep(thresholds=(0.1, 0.3, 0.5, 0.7, 0.9), budgets=(8, 16, 32), baselines=BASELINES, window=4,
@@ -101,42 +101,25 @@ def plan(tasks, seeds, sw: Sweep) -> list[dict]:
 
 
 def inference_model(point: dict, trained: dict[str, C.Trained], sw: Sweep):
-    """(model config, variables, decode-only?) of one point."""
-    method, rule = point["method"], point["rule"]
+    """(model config, variables) of one point: ``learned`` points are inference configs of the
+    learned model (:func:`ling_jax.sweep.point_config`), baselines run on the dense weights."""
+    method, rule, value = point["method"], point["rule"], point["value"]
     if method == "dense":
-        base = trained["dense"]
-        return base.model, base.variables, False
+        return trained["dense"].model, trained["dense"].variables
     if method == "learned":
-        base = trained["learned"]
-        if rule == "keep_all":
-            over = {"pruning.mode": "hard", "pruning.inference_rule": "threshold", "pruning.threshold": 0.0}
-        elif rule == "threshold":
-            over = {"pruning.mode": "hard", "pruning.inference_rule": "threshold", "pruning.threshold": point["value"]}
-        else:
-            over = {"pruning.mode": "hard", "pruning.inference_rule": "budget", "pruning.budget": point["value"],
-                    "pruning.compaction": point["compaction"]}
-        return C.with_model(base.model, over), base.variables, False
-    base = trained["dense"]
-    over = {"pruning.enabled": True, "pruning.layers": sw.layers, "pruning.mode": "hard", "pruning.baseline": method,
-            "pruning.window": sw.window, "pruning.num_sinks": sw.num_sinks,
-            "pruning.inference_rule": rule if rule != "none" else "budget",
-            "pruning.budget": point["value"] or max(sw.budgets)}
-    return C.with_model(base.model, over), base.variables, method in ("h2o", "tova")
+        return point_config(trained["learned"].model, rule, value, compaction=point["compaction"]), trained["learned"].variables
+    dense = trained["dense"]
+    base = C.with_model(dense.model, {"pruning.enabled": True, "pruning.layers": sw.layers, "pruning.window": sw.window,
+                                      "pruning.num_sinks": sw.num_sinks, "pruning.budget": max(sw.budgets)})
+    return point_config(base, rule, value, baseline=method), dense.variables
 
 
 def run_point(point, trained, batches, metric, sw: Sweep, sz: C.Sizes, reference: dict) -> dict:
-    cfg, variables, decode_only = inference_model(point, trained, sw)
-    result = C.evaluate(cfg, variables, batches, metric, decode=decode_only)
+    cfg, variables = inference_model(point, trained, sw)
+    result = evaluate_point(cfg, variables, batches, metric)
+    result["trf"] = result["trf_ideal"]
     dense = trained["dense"]
-    if decode_only:
-        # H2O/TOVA run through the KV cache, which has no ledger; each query sees exactly the keys a
-        # budget-`b` cache holds, the same count as the window policy at that budget.
-        matched = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, baseline="window"))
-        flops = C.evaluate(matched, variables, batches, metric)
-        for k in ("trf", "trf_computed", "keep_ratio", "pair_ratio", "layers_per_token"):
-            result[k] = flops[k]
-        result["trf_from"] = "window policy at the same budget (same keys per query)"
-    else:
+    if "trf_from" not in result:  # a parallel forward pass (decoded baselines have no prefill to time)
         result.update(C.time_relative(cfg, variables, dense.variables, batches[0], repeats=sz.time_repeats))
     if (sw.decode_timing and point["seed"] == 0 and point["rule"] == "budget" and not point["compaction"]
             and point["method"] in sw.decode_methods):
@@ -157,8 +140,7 @@ def keep_map(task: str, trained: C.Trained, batch: dict, threshold: float) -> di
     from ling_jax.layers.pruning import TokenPruner
     from ling_jax.model import Transformer
 
-    cfg = C.with_model(trained.model, {"pruning.mode": "hard", "pruning.inference_rule": "threshold",
-                                       "pruning.threshold": threshold})
+    cfg = point_config(trained.model, "threshold", threshold)
     tokens = jax.numpy.asarray(batch["inputs"][:1])
 
     @jax.jit
@@ -189,7 +171,7 @@ def main(argv=None) -> list[dict]:
     jsonl, csv_path, meta_path = C.results_paths(args.results, args.preset, NAME)
     results = C.ResultsFile(jsonl, KEY)
     meta = C.RunMeta(meta_path, script=f"{NAME}.py", preset=args.preset, argv=argv)
-    meta.write({"seeds": seeds, "tasks": tasks, "sweep": dataclasses.asdict(sw), "sizes": _sizes_dict(sz)})
+    meta.write({"seeds": seeds, "tasks": tasks, "sweep": dataclasses.asdict(sw), "sizes": dataclasses.asdict(sz)})
     points = plan(tasks, seeds, sw)
     todo = [p for p in points if not results.done(**p)]
     C.log(f"{NAME}: {len(points)} points, {len(points) - len(todo)} already done")
@@ -205,9 +187,8 @@ def main(argv=None) -> list[dict]:
             trained = {}
             for variant, over in (("dense", {}), ("learned", pruning_overrides(sw, sz.train["steps"]))):
                 cfg = C.make_config(args.preset, task, seed, over)
-                trained[variant] = C.train_or_load(cfg, C.run_dir_for(args.results, args.preset, task, variant, seed),
-                                                   progress=not args.no_progress, desc=f"train {task}/{variant}/{seed}",
-                                                   sharded=sz.sharded)
+                run = C.run_dir_for(args.results, args.preset, task, variant, seed)
+                trained[variant] = meta.read(C.train_or_load(cfg, run, sharded=sz.sharded, progress=not args.no_progress))
             batches = C.eval_batches(trained["dense"].config, sz.eval_batch_size)
             reference = {(r["task"], r["seed"]): r["quality"] for r in results.records() if r["method"] == "dense"}
             for point in mine:
@@ -232,10 +213,6 @@ def main(argv=None) -> list[dict]:
         best = best_within(records, task, "learned", 0.02)
         C.log(f"{task}: learned pruning, largest token reduction factor within 2% loss: {best}")
     return records
-
-
-def _sizes_dict(sz: C.Sizes) -> dict:
-    return {k: (dict(v) if isinstance(v, dict) or hasattr(v, "items") else v) for k, v in dataclasses.asdict(sz).items()}
 
 
 def best_within(records, task: str, method: str, tolerance: float) -> dict:

@@ -12,7 +12,6 @@ free. Used by ``bench_train.py --profile``.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 from ling_jax.config import Config
 from ling_jax.layers.attention import AttentionMask, xla_attention
 from ling_jax.layers.basics import RMSNorm, apply_rope
+from ling_jax.timing import interleaved
 from ling_jax.train import cross_entropy, make_optimizer
 
 
@@ -155,14 +155,9 @@ def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, d
             out[f"profile_{name}_xla_flops"] = float(analysis.get("flops", 0.0))
             out[f"profile_{name}_xla_bytes"] = float(analysis.get("bytes accessed", 0.0))
         jax.block_until_ready(fn(*args))  # warm-up
-    wall: dict[str, list[float]] = {name: [] for name in [*jitted, "data"]}
-    cpu: dict[str, list[float]] = {name: [] for name in [*jitted, "data"]}
-    for r in range(repeats):
-        for name, (fn, args) in [*jitted.items(), ("data", (data_fn, (r,)))]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn(*args))
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
+    times = interleaved({**jitted, "data": (data_fn, (0,))}, repeats, warmup=False)  # warmed up above
+    wall = {name: w for name, (w, _) in times.items()}
+    cpu = {name: c for name, (_, c) in times.items()}
     w = {name: float(np.min(ts)) for name, ts in wall.items()}  # min: least disturbed by other load
     c = {name: float(np.min(ts)) for name, ts in cpu.items()}
     peak_cpu = parts["peak_matmul"][2] / c["peak_matmul"]  # FLOP per CPU-second of a large matmul

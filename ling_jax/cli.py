@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from ling_jax.config import PRESETS, Config, ConfigError, apply_overrides, get_preset
+from ling_jax.config import PRESETS, Config, ConfigError, apply_overrides, get_preset, parse_overrides
 
 OVERRIDES_HELP = """\
 config overrides:
@@ -39,28 +39,6 @@ def _wrap(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), 92)
 
 
-def _parse_overrides(extra: Sequence[str]) -> dict[str, str]:
-    """Turns ``--a.b 1 --c.d=2`` into {"a.b": "1", "c.d": "2"}; anything else is an error."""
-    out, i = {}, 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--"):
-            raise ConfigError(f"unexpected argument {item!r}; overrides look like --model.d_model 512")
-        key = item[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"override --{key} needs a value")
-            value, i = extra[i + 1], i + 2
-        if "." not in key:
-            raise ConfigError(f"unknown option --{key}; overrides look like --section.field VALUE "
-                              f"(sections: model, train, data, mesh)")
-        out[key] = value
-    return out
-
-
 def _workdir_config(workdir) -> Config:
     """The config a workdir was created with (``ling-jax convert`` or an earlier train), for
     ``ling-jax train --workdir W`` without ``--preset``."""
@@ -80,7 +58,7 @@ def build_config(args: argparse.Namespace, extra: Sequence[str], base: Config | 
         config = get_preset(args.preset)
     else:
         config = _workdir_config(getattr(args, "workdir", None))
-    overrides = _parse_overrides(extra)
+    overrides = parse_overrides(extra)
     if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = str(args.steps)
     if getattr(args, "checkpoint_every", None) is not None:
@@ -226,7 +204,7 @@ def cmd_eval(args, extra) -> int:
     from ling_jax.train import evaluate, load_trained, make_eval_step
 
     config, model, state = load_trained(args.workdir)
-    overrides = _parse_overrides(extra)
+    overrides = parse_overrides(extra)
     if args.data:
         overrides["data.task"], overrides["data.path"] = "text", args.data
     if args.task:
@@ -316,7 +294,7 @@ def cmd_convert(args, extra) -> int:
     """Hugging Face directory -> workdir (ling_jax/interop/convert.py); overrides shape the later train run."""
     from ling_jax.interop.convert import convert
 
-    config = convert(args.hf, args.workdir, _parse_overrides(extra), tokenizer=args.tokenizer)
+    config = convert(args.hf, args.workdir, parse_overrides(extra), tokenizer=args.tokenizer)
     m = config.model
     print(json.dumps({"workdir": str(args.workdir), "preset": config.preset, "vocab_size": m.vocab_size,
                       "d_model": m.d_model, "num_layers": m.num_layers, "moe_layers": list(m.moe_layers),

@@ -689,25 +689,62 @@ def get_preset(name: str) -> Config:
 # ----------------------------------------------------------------------------- overrides
 
 
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """Converts a command-line string to the field's declared type."""
-    if not isinstance(value, str):
+    """A command-line string parsed as the field's declared type, or a Python value checked
+    against it (an int is a valid float; a bool is not an int)."""
+    kind = _TYPES.get(annotation, annotation) if isinstance(annotation, str) else annotation
+    if kind not in _TYPES.values():
         return value
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    if not isinstance(value, str):
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigError(f"override {path}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+        return value
     try:
-        if annotation is bool:
+        if kind is bool:
             lowered = value.lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return lowered in ("true", "1", "yes")
-        if annotation is int:
+        if kind is int:
             return int(value)
-        if annotation is float:
+        if kind is float:
             return float(value)
     except ValueError:
-        raise ConfigError(f"override {path}: cannot parse {value!r} as {annotation.__name__}") from None
+        allowed = " (true/false/1/0/yes/no)" if kind is bool else ""
+        raise ConfigError(f"override {path}: cannot parse {value!r} as {kind.__name__}{allowed}") from None
     return value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """Command-line overrides as {dotted name: string}: ``section.field=value``, ``--section.field=value``
+    or ``--section.field value`` (the CLI's form); anything else is an error naming the item."""
+    out, i = {}, 0
+    items = list(items)
+    while i < len(items):
+        item = items[i]
+        dashed = item.startswith("--")
+        key = item[2:] if dashed else item
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif dashed:
+            if i + 1 >= len(items):
+                raise ConfigError(f"override --{key} needs a value")
+            value, i = items[i + 1], i + 2
+        else:
+            raise ConfigError(f"unexpected argument {item!r}; overrides look like --model.d_model 512 "
+                              "or model.d_model=512")
+        if "." not in key:
+            raise ConfigError(f"unknown option --{key}; overrides look like --section.field VALUE "
+                              f"(sections: {', '.join(f.name for f in dataclasses.fields(Config) if f.name != 'preset')})")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _record_path(obj: Any, parts: list[str], value: Any, full: str, changes: dict) -> None:
@@ -738,21 +775,17 @@ def _rebuild(obj: Any, changes: Mapping[str, Any]) -> Any:
     return dataclasses.replace(obj, **new)
 
 
-def apply_overrides(config: Config, overrides: Mapping[str, Any] | Sequence[str]) -> Config:
-    """Applies ``{"model.d_model": "512"}`` or ``["model.d_model=512", ...]`` overrides.
+def apply_overrides(config: Any, overrides: Mapping[str, Any] | Sequence[str]) -> Any:
+    """Applies ``{"model.d_model": "512"}`` / ``{"model.d_model": 512}`` or ``["model.d_model=512", ...]``
+    overrides: the one override mechanism of the CLI and the experiment grids. ``config`` is a
+    :class:`Config` or any config dataclass inside one (``ModelConfig``: ``{"pruning.threshold": 0.3}``).
 
     All overrides are applied together and validated once, so settings that are only valid in
     combination (``model.num_layers`` with a layer list, a pruning baseline with the mode it needs)
     can be given in any order. Unknown keys and unparsable values fail before anything is built.
     """
     if not isinstance(overrides, Mapping):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.field=value")
-            key, value = item.split("=", 1)
-            pairs[key.strip().lstrip("-")] = value.strip()
-        overrides = pairs
+        overrides = parse_overrides(overrides)
     changes: dict = {}
     for key, value in overrides.items():
         _record_path(config, key.split("."), value, key, changes)
@@ -782,27 +815,3 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         return cls(**kwargs)
 
     return build(Config, data)
-
-
-def model_signature(model: ModelConfig) -> dict:
-    """The parts of a model config that determine the parameter tree (for checkpoint checks)."""
-    d = dataclasses.asdict(model)
-    return {k: d[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                              "head_dim", "mlp_dim", "tie_embeddings")} | {
-        "moe": {k: v for k, v in d["moe"].items() if k not in ("routing_bias", "shared_gate")}
-        if model.moe.enabled else None,
-        "pruning_scorer": (model.pruning.scorer, model.pruning.scorer_rank) if model.pruning.enabled else None,
-        "depth": (model.mod_layers, model.exit_layers, model.depth.predictor_dim)
-        if model.depth.mod_enabled or model.depth.exit_enabled else None,
-    } | _pretrained_signature(model)
-
-
-def _pretrained_signature(model: ModelConfig) -> dict:
-    """Parameter-tree knobs of imported architectures, listed only when on (older workdirs still match)."""
-    out = {name: getattr(model, name) for name, off in (("qkv_bias", False), ("qk_norm", "none"))
-           if getattr(model, name) != off}
-    if model.attention != "mha":
-        out |= {"attention": model.attention, "mla": dataclasses.asdict(model.mla)}
-    if model.moe.enabled:
-        out |= {f"moe.{name}": True for name in ("routing_bias", "shared_gate") if getattr(model.moe, name)}
-    return out

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ling_jax.config import Config, ConfigError, model_signature, to_dict
+from ling_jax.config import Config, ConfigError, from_dict
+from ling_jax.workdir import read_record, training_changes
 
 SWEEP_FILE = "pruning_sweep.json"  # the file of the default settings (what `ling-jax train` runs)
 
@@ -41,11 +42,8 @@ def finished_eval(config: Config, workdir: str | Path) -> Optional[dict]:
     path = workdir / "config.json"
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
-    normalize = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731  (tuples -> lists, as stored)
-    if saved.get("model_signature") != normalize(model_signature(config.model)):
-        return None
-    if saved.get("config", {}).get("data") != normalize(to_dict(config.data)):
+    record = read_record(workdir)
+    if training_changes(from_dict(record["config"]), config):
         return None
     steps = config.train.steps
     if latest_checkpoint_step(workdir) != steps:

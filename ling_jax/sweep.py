@@ -59,18 +59,47 @@ def sweep_variants(
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ConfigError(f"pruning sweep threshold must be in [0, 1], got {t!r}")
-    hard = dataclasses.replace(cfg.pruning, mode="hard", baseline="learned", compaction=False)
-
-    def variant(**fields) -> ModelConfig:  # PruningConfig validates each combination (e.g. budget >= sinks + window)
-        return dataclasses.replace(cfg, pruning=dataclasses.replace(hard, **fields))
-
-    out = [("keep_all", None, variant(inference_rule="threshold", threshold=0.0))]
-    out += [("threshold", float(t), variant(inference_rule="threshold", threshold=float(t))) for t in thresholds]
+    out = [("keep_all", None, point_config(cfg, "keep_all"))]
+    out += [("threshold", float(t), point_config(cfg, "threshold", t)) for t in thresholds]
     for b in budgets:
-        out.append(("budget", int(b), variant(inference_rule="budget", budget=int(b))))
-        out.append(("budget+compact", int(b), variant(inference_rule="budget", budget=int(b), compaction=True)))
-        out += [(name, int(b), variant(inference_rule="budget", budget=int(b), baseline=name)) for name in baselines]
+        out.append(("budget", int(b), point_config(cfg, "budget", b)))
+        out.append(("budget+compact", int(b), point_config(cfg, "budget", b, compaction=True)))
+        out += [(name, int(b), point_config(cfg, "budget", b, baseline=name)) for name in baselines]
     return out
+
+
+def point_config(cfg: ModelConfig, rule: str, value: Optional[float] = None, *, compaction: bool = False,
+                 baseline: str = "learned") -> ModelConfig:
+    """The hard-mode inference config of one sweep point of ``cfg`` (pruning enabled): ``rule``
+    ``"keep_all"`` (threshold 0: nothing pruned), ``"threshold"`` (keep if sigmoid(score) >= value;
+    None: the config's threshold) or ``"budget"`` (``value`` keys per query, ``compaction``);
+    ``baseline`` swaps the learned scorer for a training-free policy (``BASELINES``).
+    PruningConfig validates each combination (e.g. budget >= sinks + window)."""
+    if rule == "keep_all":
+        fields = dict(inference_rule="threshold", threshold=0.0)
+    elif rule == "threshold":
+        fields = dict(inference_rule="threshold", **({} if value is None else {"threshold": float(value)}))
+    elif rule == "budget":
+        fields = dict(inference_rule="budget", budget=int(value))
+    else:
+        raise ConfigError(f"sweep point rule must be one of ['keep_all', 'threshold', 'budget'], got {rule!r}")
+    pruning = dataclasses.replace(cfg.pruning, mode="hard", baseline=baseline, compaction=compaction, **fields)
+    return dataclasses.replace(cfg, pruning=pruning)
+
+
+def evaluate_point(vcfg: ModelConfig, variables: dict, batches: Sequence[dict], metric: str) -> dict:
+    """:func:`ling_jax.evaluation.evaluate` of one sweep point. H2O and TOVA read attention while
+    decoding, so they are evaluated through the KV cache, which has no ledger: their FLOP figures
+    are those of the window policy at the same budget (a budget-b cache shows each query b keys)."""
+    decode = vcfg.pruning.enabled and vcfg.pruning.baseline in _TEACHER_FORCED
+    r = evaluate(vcfg, variables, batches, metric, decode=decode)
+    if decode:
+        window = dataclasses.replace(vcfg, pruning=dataclasses.replace(vcfg.pruning, baseline="window"))
+        flops = evaluate(window, variables, batches, metric)
+        r.update({k: flops[k] for k in ("trf_computed", "trf_ideal", "flops_dense", "flops_computed", "flops_ideal",
+                                        "keep_ratio", "pair_ratio", "layers_per_token")})
+        r["trf_from"] = "window policy at the same budget (same keys per query)"
+    return r
 
 
 def pruning_sweep(
@@ -97,12 +126,7 @@ def pruning_sweep(
     rows: list[dict] = []
     variants = sweep_variants(cfg, thresholds, budgets, baselines)
     for rule, value, vcfg in tqdm(variants, desc="pruning sweep", disable=not progress, leave=False):
-        decode = vcfg.pruning.baseline in _TEACHER_FORCED
-        r = evaluate(vcfg, variables, batches, metric, decode=decode)
-        if decode:  # the KV cache has no ledger: a budget-b cache shows each query b keys, as the window policy does
-            window = dataclasses.replace(vcfg, pruning=dataclasses.replace(vcfg.pruning, baseline="window"))
-            flops = evaluate(window, variables, batches, metric)
-            r.update({k: flops[k] for k in ("trf_computed", "trf_ideal", "keep_ratio")})
+        r = evaluate_point(vcfg, variables, batches, metric)
         reference = rows[0]["quality"] if rows else r["quality"]
         rows.append({"rule": rule, "value": value, "keep_ratio": r["keep_ratio"], "token_reduction": r["trf_computed"],
                      "token_reduction_ideal": r["trf_ideal"], "quality": r["quality"],

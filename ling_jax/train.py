@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -35,7 +35,7 @@ from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
-from ling_jax.workdir import (WorkdirLock, check_model, config_changes, prepare, read_record, recorded_config,
+from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, prepare, read_record, recorded_config,
                               truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
@@ -241,47 +241,53 @@ def _schedule_steps(record: Optional[dict], config: Config, start: int) -> int:
 
 
 def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print,
-          state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True) -> dict:
+          state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True,
+          devices: Optional[Sequence[jax.Device]] = None, final_eval: bool = True) -> dict:
     """Trains (resuming from the newest good checkpoint in `workdir`) and returns the final eval metrics.
 
     Guarantees (see README "Resuming and failures"): the workdir is locked for the whole run; a
     non-finite loss or gradient norm stops the run (NonFiniteError) and is never saved; SIGTERM
     saves the last completed step and raises Preempted; a resumed run keeps the learning-rate
     schedule recorded in config.json (``train.steps`` only moves where training stops).
+    ``devices``: train on these devices only (default: all; one device trains unsharded).
+    ``final_eval=False`` skips the final evaluation (a caller that evaluates the model itself).
     """
     workdir = Path(workdir)
     if state_shardings is None:  # a --mesh the devices cannot fill is an error, also on one device
-        config.mesh.resolve(jax.device_count())
+        config.mesh.resolve(len(devices) if devices else jax.device_count())
     is_main_host = is_main_host and jax.process_index() == 0
     prepare(workdir)
     lock = WorkdirLock(workdir, log_fn) if is_main_host else contextlib.nullcontext()
     with lock, _StopSignal(enabled=jax.process_count() == 1) as stop:
         return _train_locked(config, workdir, stop, progress=progress, log_fn=log_fn, state_shardings=state_shardings,
-                             batch_sharding=batch_sharding, is_main_host=is_main_host)
+                             batch_sharding=batch_sharding, is_main_host=is_main_host, devices=devices,
+                             final_eval=final_eval)
 
 
 def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress: bool, log_fn: Callable[[str], None],
-                  state_shardings: Any, batch_sharding: Any, is_main_host: bool) -> dict:
+                  state_shardings: Any, batch_sharding: Any, is_main_host: bool,
+                  devices: Optional[Sequence[jax.Device]], final_eval: bool) -> dict:
     from tqdm.auto import tqdm
 
     from ling_jax import sharding as sharding_lib
     from ling_jax.pipeline import build_data
 
+    record = read_record(workdir)
+    if record is not None:  # before anything is built: a changed training setting is refused naming it
+        check_compatible(workdir, record, config)
     model = Transformer(config.model)
     # More than one device: shard by config.mesh (or the caller's shardings); each host reads its rows.
     plan = None
     if state_shardings is not None:
         plan = sharding_lib.Plan(mesh=batch_sharding.mesh, state=state_shardings, batch=batch_sharding)
-    elif jax.device_count() > 1:
-        plan = sharding_lib.plan(config, model)
+    elif len(devices or jax.devices()) > 1:
+        plan = sharding_lib.plan(config, model, devices=devices)
     host_index, host_count = sharding_lib.host_slice(plan.batch, config.train.batch_size) if plan else (0, 1)
     data = build_data(config, host_index=host_index, host_count=host_count)
 
-    record = read_record(workdir)
-    if record is not None:
-        check_model(workdir, record, config)
     rng = jax.random.key(config.train.seed)
-    state = sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan else init_state(config, model, rng)
+    state = (sharding_lib.init_sharded_state(config, model, rng, plan.state) if plan
+             else jax.jit(lambda key: init_state(config, model, key))(rng))  # one compile, not one per op
     manager = checkpoint_manager(workdir, config)
     try:
         state, start = restore_latest(manager, state, log_fn=log_fn,
@@ -294,7 +300,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     metrics_path = workdir / "metrics.jsonl"
     if start:
         log_fn(f"resumed from step {start} in {workdir}")
-        changes = config_changes(from_dict(record["config"]), config) if record is not None else []
+        changes = config_changes(from_dict(record["config"]), config, ignore=("mesh", "preset")) if record is not None else []
         if changes:
             log_fn("resuming with settings changed from config.json: " + "; ".join(changes))
         if config.train.steps != schedule_steps:
@@ -387,8 +393,10 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
             reason = stop_requested(int(state.step))
             if reason:
                 raise Preempted(int(state.step), reason)
-            final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
-            log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
+            final = {}
+            if final_eval:
+                final = evaluate(eval_step, state, data.eval_batches(), data.metric, data.bytes_per_token())
+                log.write(json.dumps({"step": int(state.step), **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
     finally:
         bar.close()
         manager.close()

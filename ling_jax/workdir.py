@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ling_jax.config import Config, ConfigError, from_dict, model_signature, to_dict
+from ling_jax.config import Config, ConfigError, from_dict, to_dict
 
 LOCK_NAME = ".lock"
 
@@ -118,31 +118,47 @@ def recorded_config(workdir: str | Path) -> Optional[Config]:
     return None if record is None else from_dict(record["config"])
 
 
-def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
-    """Writes config.json atomically: a temporary file in the workdir, fsync, ``os.replace``."""
-    path = workdir / "config.json"
-    tmp = workdir / f".config.json.{os.getpid()}.tmp"
-    record = {"model_signature": model_signature(config.model), "schedule_steps": int(schedule_steps),
-              "config": to_dict(config)}
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=2, default=str))
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file beside it, fsync and ``os.replace``:
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def check_model(workdir: Path, record: dict, config: Config) -> None:
-    """Refuses a config whose model parameters differ from the recorded ones."""
-    current = json.loads(json.dumps(model_signature(config.model)))
-    saved = record.get("model_signature")
-    if saved is not None and saved != current:
-        diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model config (fields differ: "
-                          f"{diffs}); use a new --workdir or the same model settings")
+def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
+    """Writes config.json (atomically): the config, the schedule length and the provenance of the
+    run writing it (command, git revision, library versions)."""
+    from ling_jax.provenance import run_record
+
+    record = {"schedule_steps": int(schedule_steps), "config": to_dict(config), "provenance": run_record()}
+    atomic_write(workdir / "config.json", json.dumps(record, indent=2, default=str).encode())
 
 
-def config_changes(recorded: Config, config: Config, *, ignore: tuple[str, ...] = ("mesh", "preset")) -> list[str]:
-    """``"section.field: old -> new"`` for every field of ``config`` that differs from ``recorded``."""
+# Fields that may differ between a workdir's config.json and the config that resumes it (a whole
+# section, or one ``section.field``). None changes what a training step computes:
+RESUME_MAY_CHANGE = (
+    "preset", "mesh",  # a name; the device layout (checkpoints restore onto any mesh)
+    # where training stops (the schedule length is recorded separately), how often it logs,
+    # evaluates and saves, how many checkpoints it keeps:
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.keep_checkpoints",
+    # implementation switches: the same math by another kernel, or recomputed in the backward pass
+    "model.attention_impl", "model.moe.dispatch", "model.remat",
+    # call-time inference thresholds (ling_jax.policy); training (soft mask, train mode) never reads them
+    "model.pruning.threshold", "model.depth.mod_threshold", "model.depth.mod_predictor_threshold",
+    "model.depth.exit_threshold",
+)
+
+
+def config_changes(recorded: Config, config: Config, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"section.field: old -> new"`` for every leaf field of ``config`` that differs from
+    ``recorded``, skipping the sections and fields named in ``ignore``."""
     out: list[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
@@ -158,6 +174,22 @@ def config_changes(recorded: Config, config: Config, *, ignore: tuple[str, ...] 
 
     walk(recorded, config, "")
     return out
+
+
+def training_changes(recorded: Config, config: Config) -> list[str]:
+    """The changes of :func:`config_changes` that alter training: every field of the model, train
+    and data configs except :data:`RESUME_MAY_CHANGE`."""
+    return config_changes(recorded, config, ignore=RESUME_MAY_CHANGE)
+
+
+def check_compatible(workdir: Path, record: dict, config: Config) -> None:
+    """Refuses to continue a workdir with a config that trains differently from the recorded one,
+    naming every changed field (fields added to the code later read as their defaults)."""
+    changes = training_changes(from_dict(record["config"]), config)
+    if changes:
+        raise ConfigError(f"workdir {workdir} was trained with other settings ({'; '.join(changes)}); "
+                          "resuming would mix two trainings: use a new --workdir or the recorded settings "
+                          f"(fields that may change on resume: {', '.join(RESUME_MAY_CHANGE)})")
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -185,6 +217,4 @@ def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] =
             keep.append(line)
     if dropped:
         log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep).encode())

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ling_jax import cli
-from ling_jax.config import PRESETS, ConfigError
+from ling_jax.config import PRESETS, ConfigError, parse_overrides
 
 
 def _help(capsys, *argv) -> str:
@@ -46,7 +46,7 @@ def test_no_parser_accepts_abbreviations(tmp_path, capsys):
     assert cli.main(["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--step", "10"]) == 2
     assert "--step" in capsys.readouterr().err and not workdir.exists()
     with pytest.raises(ConfigError, match="--step"):
-        cli._parse_overrides(["--step", "10"])
+        parse_overrides(["--step", "10"])
     with pytest.raises(SystemExit):  # --work is not --workdir
         cli.main(["train", "--preset", "cpu-tiny", "--work", str(workdir)])
 

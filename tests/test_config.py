@@ -39,6 +39,29 @@ def test_override_parses_types_and_revalidates():
         apply_overrides(cfg, {"model.d_model": "abc"})
 
 
+def test_override_values_are_typed_in_every_form():
+    """One mechanism for the CLI's strings and the experiment grids' Python values."""
+    base = get_preset("cpu-tiny")
+    forms = (["--model.d_model", "96", "--train.learning_rate=1e-3", "model.tie_embeddings=true"],
+             {"model.d_model": 96, "train.learning_rate": 1e-3, "model.tie_embeddings": True})
+    assert apply_overrides(base, forms[0]) == apply_overrides(base, forms[1])
+    assert apply_overrides(base, {"train.learning_rate": 1}).train.learning_rate == 1.0  # an int is a float
+    for key, value, kind in (("model.d_model", 96.0, "int"), ("model.d_model", True, "int"),
+                             ("model.tie_embeddings", 1, "bool"), ("data.task", 3, "str")):
+        with pytest.raises(ConfigError, match=rf"override {key}: expected {kind}, got {value!r}"):
+            apply_overrides(base, {key: value})
+    with pytest.raises(ConfigError, match=r"model.tie_embeddings: cannot parse 'maybe' as bool \(true/false"):
+        apply_overrides(base, ["model.tie_embeddings=maybe"])
+    with pytest.raises(ConfigError, match=r"override 'model.pruning' names a config group.*model.pruning.<field>"):
+        apply_overrides(base, {"model.pruning": True})
+    with pytest.raises(ConfigError, match=r"Config has no field 'modle'; allowed: \['data', 'mesh', 'model', 'train'\]"):
+        apply_overrides(base, {"modle.d_model": 96})
+    with pytest.raises(ConfigError, match=r"PruningConfig.scorer must be one of \['linear', 'lowrank'\], got 'mlp'"):
+        apply_overrides(base, {"model.pruning.scorer": "mlp"})
+    with pytest.raises(ConfigError, match=r"unexpected argument 'd_model'"):
+        apply_overrides(base, ["d_model"])
+
+
 COMBINED = [  # each valid only together: applied one at a time, in this order, one of them fails
     {"model.depth.mod_enabled": "true", "model.depth.mod_layers": "3", "model.num_layers": "4"},
     {"model.pruning.enabled": "true", "model.pruning.baseline": "random", "model.pruning.mode": "hard",

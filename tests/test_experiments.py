@@ -15,18 +15,32 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"sweep_pruning": sweep_pruning, "ablate_moe": ablate_moe, "ablate_depth": ablate_depth, "combined": combined}
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    """Every script's smoke preset, run once into one results root (runs are shared between scripts).
+_DONE: dict[Path, set] = {}
 
-    About 70 tiny programs, each run a few steps: compiling is nearly all the time, so they compile
-    with most XLA optimizations off (fast_compile); the tests below check the records, keys, files
-    and resume, never exact numbers."""
-    root = tmp_path_factory.mktemp("results")
-    with fast_compile():
-        for module in SCRIPTS.values():
-            module.main(["--preset", "smoke", "--results", str(root), "--no-progress"])
-    return root
+
+def _run(root: Path, name: str) -> None:
+    """One script's smoke preset into ``root``, once (runs are shared between scripts). Each run
+    is a few steps of a tiny model, so compiling is nearly all the time: programs compile with most
+    XLA optimizations off (fast_compile); the tests check records, keys, files and resume, never
+    exact numbers."""
+    done = _DONE.setdefault(root, set())
+    if name not in done:
+        with fast_compile():
+            SCRIPTS[name].main(["--preset", "smoke", "--results", str(root), "--no-progress"])
+        done.add(name)
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_root) -> Path:
+    """Every script's smoke results (each script runs in its own test first: no long fixture)."""
+    for name in SCRIPTS:
+        _run(smoke_root, name)
+    return smoke_root
 
 
 def test_readme_section_matches_results():
@@ -35,7 +49,9 @@ def test_readme_section_matches_results():
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_smoke_writes_results(smoke, name):
+def test_smoke_writes_results(smoke_root, name):
+    _run(smoke_root, name)
+    smoke = smoke_root
     records = common.read_jsonl(smoke / "smoke" / f"{name}.jsonl")
     assert records, f"{name} wrote no records"
     for r in records:
@@ -46,7 +62,9 @@ def test_smoke_writes_results(smoke, name):
     assert meta["command"].startswith(f"python experiments/{name}.py") and "--preset smoke" in meta["command"]
 
 
-def test_sweep_covers_every_point_and_baseline(smoke):
+def test_sweep_covers_every_point_and_baseline(smoke_root):
+    _run(smoke_root, "sweep_pruning")
+    smoke = smoke_root
     records = common.read_jsonl(smoke / "smoke" / "sweep_pruning.jsonl")
     sw = sweep_pruning.SWEEPS["smoke"]
     expected = sweep_pruning.plan(sweep_pruning.TASKS["smoke"], common.sizes("smoke").seeds, sw)
@@ -62,7 +80,9 @@ def test_sweep_covers_every_point_and_baseline(smoke):
     assert any(r.get("prefill_rel") for r in pruned), "prefill time relative to dense is recorded"
 
 
-def test_resume_skips_finished_points(smoke, tmp_path):
+def test_resume_skips_finished_points(smoke_root, tmp_path):
+    _run(smoke_root, "ablate_moe")
+    smoke = smoke_root
     """A rerun over complete results adds nothing (and trains nothing: the runs are cached)."""
     before = (smoke / "smoke" / "ablate_moe.jsonl").read_text()
     ablate_moe.main(["--preset", "smoke", "--results", str(smoke), "--no-progress"])

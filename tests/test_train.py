@@ -108,7 +108,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     config = apply_overrides(get_preset("cpu-tiny"), {"train.steps": "1", "train.eval_batches": "1", "train.seq_len": "16"})
     train(config, tmp_path, progress=False)
     other = apply_overrides(config, {"model.d_model": "32"})
-    with pytest.raises(ConfigError, match=r"different model config.*d_model"):
+    with pytest.raises(ConfigError, match=r"trained with other settings.*model.d_model: 64 -> 32"):
         train(other, tmp_path, progress=False)
 
 

@@ -1,45 +1,52 @@
-"""Timing for the experiments: measured prefill / decode time relative to the dense model in the
-same run. Quality and the ledger's token reduction factor come from ``ling_jax.evaluation``
-(re-exported here).
+"""Timing: programs measured side by side, so load from other processes hits them alike.
+
+* :func:`interleaved` runs every program of a set once per round, after a warm-up call, and
+  returns each one's wall and process-CPU seconds per call: the one timing loop of the
+  benchmarks (``experiments/bench_*.py``);
+* :func:`median_time` is the median wall time of one program;
+* :func:`time_relative` / :func:`time_decode_relative`: prefill / per-token decode time of a
+  model variant relative to the dense model of the same run (``experiments/``).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import ModelConfig
-from ling_jax.evaluation import (  # noqa: F401  (re-exported)
-    LN2, eval_fn, dense_of, relative_loss,
-)
-from ling_jax.evaluation import evaluate as _evaluate
+from ling_jax.evaluation import dense_of, eval_fn
 
 
-def evaluate(*args, **kwargs) -> dict:
-    """:func:`ling_jax.evaluation.evaluate`, plus ``trf``: the *ideal* token reduction factor
-    (``trf_ideal``) under the name the experiment records and report.py have always used for it.
-    The realized figure is ``trf_computed`` beside it."""
-    r = _evaluate(*args, **kwargs)
-    return {**r, "trf": r["trf_ideal"]}
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def median_time(fn: Callable, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` calls after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
+def interleaved(calls: Mapping[str, tuple[Callable, tuple]], repeats: int, *,
+                warmup: bool = True) -> dict[str, tuple[list[float], list[float]]]:
+    """``{name: (wall seconds, CPU seconds)}`` of every call of ``fn(*args)``: each round calls
+    every program once, in order (after one warm-up call each); results are blocked on."""
+    if warmup:
+        for fn, args in calls.values():
+            jax.block_until_ready(fn(*args))
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in calls}
     for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, (fn, args) in calls.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn(*args))
+            times[name][0].append(time.perf_counter() - w0)
+            times[name][1].append(time.process_time() - c0)
+    return times
+
+
+def median_times(calls: Mapping[str, tuple[Callable, tuple]], repeats: int) -> dict[str, float]:
+    """Median wall seconds per call of each program of :func:`interleaved`."""
+    return {name: float(np.median(wall)) for name, (wall, _) in interleaved(calls, repeats).items()}
+
+
+def median_time(fn: Callable, *args: Any, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` calls after one warm-up call."""
+    return median_times({"f": (fn, args)}, repeats)["f"]
 
 
 def time_relative(cfg: ModelConfig, variables: dict, dense_variables: dict, batch: dict, *, repeats: int) -> dict:
@@ -51,16 +58,8 @@ def time_relative(cfg: ModelConfig, variables: dict, dense_variables: dict, batc
     """
     f, g = eval_fn(cfg), eval_fn(dense_of(cfg))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    jax.block_until_ready(f(variables, batch))
-    jax.block_until_ready(g(dense_variables, batch))
-    tv, td = [], []
-    for _ in range(max(repeats, 1)):
-        for fn, vs, out in ((g, dense_variables, td), (f, variables, tv)):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(vs, batch))
-            out.append(time.perf_counter() - start)
-    return {"prefill_s": float(np.median(tv)), "dense_prefill_s": float(np.median(td)),
-            "prefill_rel": float(np.median(tv) / np.median(td))}
+    t = median_times({"dense": (g, (dense_variables, batch)), "variant": (f, (variables, batch))}, repeats)
+    return {"prefill_s": t["variant"], "dense_prefill_s": t["dense"], "prefill_rel": t["variant"] / t["dense"]}
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,17 +112,11 @@ def time_decode_relative(cfg: ModelConfig, variables: dict, dense_variables: dic
     slots = t // 2 + new_tokens
     token = prompt[:, -1]
     position = jnp.full((prompt.shape[0],), t // 2, jnp.int32)
-    runs = []
-    for c, vs in ((cfg, variables), (dense_of(cfg), dense_variables)):
+    calls = {}
+    for name, c, vs in (("variant", cfg, variables), ("dense", dense_of(cfg), dense_variables)):
         fill, run = _decode_fns(c, slots, new_tokens)
         params = nn.meta.unbox(vs["params"])
-        cache = fill(params, prompt, oracle)
-        jax.block_until_ready(run(params, cache, token, position))
-        runs.append((run, params, cache, []))
-    for _ in range(max(repeats, 1)):
-        for run, params, cache, times in runs:
-            start = time.perf_counter()
-            jax.block_until_ready(run(params, cache, token, position))
-            times.append(time.perf_counter() - start)
-    variant, dense = (float(np.median(r[3])) / new_tokens for r in runs)
+        calls[name] = (run, (params, fill(params, prompt, oracle), token, position))
+    t = median_times(calls, repeats)
+    variant, dense = t["variant"] / new_tokens, t["dense"] / new_tokens
     return {"decode_s_per_token": variant, "dense_decode_s_per_token": dense, "decode_rel": variant / dense}
