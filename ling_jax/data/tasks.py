@@ -25,7 +25,7 @@ Generation is a pure function of (seed, step, row): row r of a batch uses
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -105,6 +105,7 @@ def _check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
 
 
+@runtime_checkable
 class TaskConfig(Protocol):
     """What `make_batch` needs from a task config."""
 
