@@ -153,7 +153,8 @@ def main_job(root: Path) -> list[str]:
 def fresh_clone(root: Path) -> list[str]:
     d = load(root, "main_job.json")
     return header(root, "main_job.json") + [
-        f"**Time from a fresh clone.** Two things dominate: `pip install` X and "
+        f"**Time from a fresh clone.** Two things dominate: `pip install` (jax, jaxlib, flax, orbax and their dependencies: as long as your connection needs; "
+        f"its time is not recorded in a results file) and "
         f"the training steps. The whole main job took {mins(d['wall_s'])} of wall time here on a machine shared with "
         f"other jobs; running the finished job again took {d['rerun_wall_s']:.1f} s and changes no file."]
 
