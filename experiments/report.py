@@ -450,6 +450,16 @@ def current_section(readme: str) -> Optional[str]:
     return START + readme.split(START, 1)[1].split(END, 1)[0] + END
 
 
+def required_files(readme: str, results: Path, preset: str = "cpu") -> set[str]:
+    """Every results file the README rests on, relative to ``results``: what the blocks read, what
+    the README names by path, and each experiment script's records, meta and CSVs."""
+    names = B.used_files(results) | B.referenced_files(readme)
+    for name in SCRIPTS:
+        names |= {f"{preset}/{name}{suffix}" for suffix in (".jsonl", ".meta.json", ".csv", "_summary.csv")}
+    names |= {f"{preset}/pictures/{p.name}" for p in (results / preset / "pictures").glob("*.json")}
+    return names
+
+
 def check(readme: str, section: str, results: Path) -> list[str]:
     """Every reason the README is not what the results files say (empty: up to date)."""
     problems = []
@@ -466,6 +476,8 @@ def check(readme: str, section: str, results: Path) -> list[str]:
             problems.append(f"block {name}: no <!-- report:{name}:start --> ... end region in the README")
         elif current != text:
             problems.append(f"block {name} is out of date (a number differs from its results file)")
+    problems += [f"results file {results / name} is missing" for name in sorted(required_files(readme, results))
+                 if not (results / name).exists()]
     problems += [f"hand-typed number outside the generated regions: {n}"
                  for n in B.hand_typed_numbers(readme, B.NOT_RESULTS)]
     return problems

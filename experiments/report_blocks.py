@@ -35,6 +35,7 @@ DOCUMENTED_COMMANDS = {
     "gpu/bench_kernels_gpu_attention.json": "OUT=experiments/results/gpu bash experiments/gpu_check.sh",
     "gpu/bench_kernels_gpu_gmm.json": "OUT=experiments/results/gpu bash experiments/gpu_check.sh",
     "foundation/cpu_base_metrics.jsonl": "ling-jax train --preset cpu-base --workdir runs/cpu-base",
+    "foundation/cpu_base_config.json": "ling-jax train --preset cpu-base --workdir runs/cpu-base",
 }
 
 
@@ -42,7 +43,12 @@ class MissingResults(FileNotFoundError):
     """A block's results file is not there."""
 
 
+_loaded: Optional[set] = None  # names read while used_files() renders
+
+
 def load(root: Path, name: str):
+    if _loaded is not None:
+        _loaded.add(name)
     path = root / name
     if not path.exists():
         raise MissingResults(f"results file {path} is missing (needed by the README)")
@@ -235,7 +241,7 @@ def foundation(root: Path) -> list[str]:
     bt = load(root, "bench_train.json")
     small, big = load(root, "bench_train_profile_cpu_small.json"), load(root, "bench_train_profile_cpu_base.json")
     m, t = cfg["model"], cfg["train"]
-    out = header(root, "foundation/cpu_base_metrics.jsonl", "main_job.json", "bench_train.json",
+    out = header(root, "foundation/cpu_base_metrics.jsonl", "foundation/cpu_base_config.json", "main_job.json", "bench_train.json",
                  "bench_train_profile_cpu_small.json", "bench_train_profile_cpu_base.json")
     out += ["## Foundation results (dense baseline)", "",
             f"**Dense `cpu-base` vs classic compressors** (validation split of the default corpus, "
@@ -309,7 +315,7 @@ def kernels_gpu(root: Path) -> list[str]:
     missed = [s for s, v in zip(sp, fwd) if v < 0.8]
     return header(root, "gpu/bench_kernels_gpu_attention.json", "gpu/bench_kernels_gpu_gmm.json") + [
         f"One short run on a GPU lent to this task (jax {a['attn_jax_version']}; Pallas' Triton backend, "
-        f"{a['attn_mode']}):", "",
+        f"{a['attn_mode']}; versions in `experiments/results/gpu/versions.txt`):", "",
         f"- Block-sparse attention ({a['attn_shape']}): forward and dq/dk/dv match the reference (max abs error "
         f"{errs:.0e}, float32 check); the dense kernel runs in {a['attn_fwd_ms_dense']:.2f} ms, "
         f"{a['attn_dense_speed_vs_jax_dpa']:.2f}x faster than `jax.nn.dot_product_attention`'s default. Speedup over "
@@ -524,6 +530,37 @@ def splice_block(readme: str, name: str, text: str) -> str:
         raise KeyError(f"README has no {start} ... {end} region")
     head, rest = readme.split(start, 1)
     return head + text + rest.split(end, 1)[1]
+
+
+def used_files(root: Path = RESULTS) -> set[str]:
+    """Names (relative to ``root``) of the results files the blocks read."""
+    global _loaded
+    _loaded = set()
+    try:
+        for fn in BLOCKS.values():
+            try:
+                fn(root)
+            except MissingResults:
+                pass
+        return set(_loaded)
+    finally:
+        _loaded = None
+
+
+_PATH = re.compile(r"experiments/results/([A-Za-z0-9_./-]*(?:\{[A-Za-z0-9_,]+\}[A-Za-z0-9_./-]*)?\.[a-z]+)")
+
+
+def referenced_files(readme: str) -> set[str]:
+    """Results files the README names by path (``a_{x,y}.json`` names both), relative to results/."""
+    out = set()
+    for m in _PATH.finditer(readme):
+        name = m.group(1)
+        brace = re.search(r"\{([^}]*)\}", name)
+        if brace:
+            out |= {name[:brace.start()] + part + name[brace.end():] for part in brace.group(1).split(",")}
+        else:
+            out.add(name)
+    return out
 
 
 # ----------------------------------------------------------------------------- hand-typed numbers
