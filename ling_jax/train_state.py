@@ -33,7 +33,7 @@ class TrainState:
     extra: Any  # non-trained variable collections, e.g. {"moe_bias": ...}
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     t = config.train
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),

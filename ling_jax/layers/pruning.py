@@ -58,7 +58,7 @@ NEVER = np.iinfo(np.int32).min  # expiry of a key no query beyond its window may
 FOREVER = np.iinfo(np.int32).max
 
 
-def temperature(pc: PruningConfig, step: Optional[Array]) -> Array:
+def temperature(pc: PruningConfig, step: Optional[int | Array]) -> Array:
     """Soft-mask temperature: geometric from ``temperature`` to ``final_temperature`` over
     ``anneal_steps`` (without a step, e.g. in evaluation: the final one)."""
     if pc.anneal_steps == 0:
