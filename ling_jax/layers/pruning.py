@@ -69,7 +69,7 @@ def temperature(pc: PruningConfig, step: Optional[int | Array]) -> Array:
     return jnp.float32(pc.temperature) * (pc.final_temperature / pc.temperature) ** frac
 
 
-def soft_log_keep(score: Float[Array, "B T"], temp: Float[Array, ""]) -> Float[Array, "B T"]:
+def soft_log_keep(score: Float[Array, "*shape"], temp: float | Float[Array, ""]) -> Float[Array, "*shape"]:
     """Log keep-probability of the soft mask."""
     return jax.nn.log_sigmoid(score / temp)
 
