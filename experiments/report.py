@@ -1,12 +1,15 @@
-"""Regenerates the README's results section (and the figures) from the results files alone.
+"""Renders every figure in the README from the results files alone.
 
-The section sits between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md; the
-rest of the README is left untouched (a README without the markers gets them appended; a missing
-README is created with just the markers). Every number comes from
-``experiments/results/<preset>/*.jsonl`` and each table names the file and the command that made it.
+Two kinds of generated region: the experiments' results section between ``<!-- results:start -->``
+and ``<!-- results:end -->`` (from ``experiments/results/<preset>/*.jsonl``), and one block per
+hand-written figure (foundation, mechanisms, kernels, main job, retrofit, ...) between
+``<!-- report:NAME:start -->`` and ``<!-- report:NAME:end -->`` (``experiments/report_blocks.py``,
+from the JSON files under ``experiments/results/``). The rest of the README is left untouched. Each
+region names its files and the command that made them.
 
-    python experiments/report.py                 # write the section, redraw the figures
-    python experiments/report.py --check         # exit 1 if the README section is out of date
+    python experiments/report.py                 # write every region, redraw the figures
+    python experiments/report.py --check         # exit 1 if a region is stale, a results file is
+                                                 # missing, or a measured number sits outside the regions
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import common as C  # noqa: E402
+from experiments import report_blocks as B  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 REPO = Path(__file__).resolve().parent.parent
@@ -446,28 +450,70 @@ def current_section(readme: str) -> Optional[str]:
     return START + readme.split(START, 1)[1].split(END, 1)[0] + END
 
 
+def required_files(readme: str, results: Path, preset: str = "cpu") -> set[str]:
+    """Every results file the README rests on, relative to ``results``: what the blocks read, what
+    the README names by path, and each experiment script's records, meta and CSVs."""
+    names = B.used_files(results) | B.referenced_files(readme)
+    for name in SCRIPTS:
+        names |= {f"{preset}/{name}{suffix}" for suffix in (".jsonl", ".meta.json", ".csv", "_summary.csv")}
+    names |= {f"{preset}/pictures/{p.name}" for p in (results / preset / "pictures").glob("*.json")}
+    return names
+
+
+def check(readme: str, section: str, results: Path) -> list[str]:
+    """Every reason the README is not what the results files say (empty: up to date)."""
+    problems = []
+    if current_section(readme) != section.rstrip("\n"):
+        problems.append("the results section is out of date")
+    for name in B.BLOCKS:
+        try:
+            text = B.render_block(name, results)
+        except B.MissingResults as e:
+            problems.append(f"block {name}: {e}")
+            continue
+        current = B.current_block(readme, name)
+        if current is None:
+            problems.append(f"block {name}: no <!-- report:{name}:start --> ... end region in the README")
+        elif current != text:
+            problems.append(f"block {name} is out of date (a number differs from its results file)")
+    problems += [f"results file {results / name} is missing" for name in sorted(required_files(readme, results))
+                 if not (results / name).exists()]
+    problems += [f"hand-typed number outside the generated regions: {n}"
+                 for n in B.hand_typed_numbers(readme, B.NOT_RESULTS)]
+    return problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--results", type=Path, default=C.RESULTS_ROOT)
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README section differs from the generated one")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a generated region differs from what the results files give, a results file "
+                             "is missing, or a measured number sits outside the generated regions")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
     section = render(args.results, args.preset)
     readme = args.readme.read_text() if args.readme.exists() else ""
     if args.check:
-        if current_section(readme) != section.rstrip("\n"):
-            print(f"{args.readme}: results section is out of date; run python experiments/report.py", file=sys.stderr)
+        problems = check(readme, section, args.results)
+        for problem in problems:
+            print(f"{args.readme}: {problem}", file=sys.stderr)
+        if problems:
+            print("run python experiments/report.py to regenerate the regions", file=sys.stderr)
             return 1
-        print(f"{args.readme}: results section is up to date")
+        print(f"{args.readme}: every generated region is up to date")
         return 0
     if not args.no_figures:
         from experiments import plots
 
         plots.draw_all(args.results, args.preset)
-    args.readme.write_text(splice(readme, section))
-    print(f"wrote the results section of {args.readme}")
+    readme = splice(readme, section)
+    for name in B.BLOCKS:
+        if B.current_block(readme, name) is not None:
+            readme = B.splice_block(readme, name, B.render_block(name, args.results))
+    args.readme.write_text(readme)
+    print(f"wrote the generated regions of {args.readme}")
     return 0
 
 

@@ -278,7 +278,7 @@ def cmd_info(args, extra) -> int:
         "seq_len": t.seq_len,
     }
     if args.mesh or args.memory:
-        from ling_jax.sharding import memory_report
+        from ling_jax.memory import memory_report
 
         from ling_jax.layers.attention import resolve_impl
 

@@ -87,7 +87,7 @@ def _flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], float]:
 
 def sown_total(intermediates: Mapping[str, Any], name: str) -> float:
     """Sum of every sown scalar called ``name`` anywhere in the tree (all layers, all calls)."""
-    return sum(v for path, v in _flatten(intermediates).items() if path[-1] == name)
+    return sum((v for path, v in _flatten(intermediates).items() if path[-1] == name), 0.0)
 
 
 # Terms priced twice: what the implementation evaluates (computed) and what an ideal sparse one

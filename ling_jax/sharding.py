@@ -14,7 +14,10 @@ the same table serves weights and activations::
 Parameter, optimizer-state and batch shardings come from ``jax.eval_shape`` of the boxed
 ``init_state``; nothing is allocated to compute them. Activation constraints
 (``nn.with_logical_constraint`` in the layers) resolve when a step is traced inside
-:func:`activate`; :func:`jit_train_step` and :func:`jit_eval_step` do that for you.
+:func:`activate`; ``ling_jax.train.jit_train_step`` and ``jit_eval_step`` do that for you.
+
+This module sits below :mod:`ling_jax.train`: it reads the state's shape from
+:mod:`ling_jax.train_state` and never imports the training loop.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ling_jax.config import Config, ConfigError
+from ling_jax.model import Transformer
+from ling_jax.train_state import init_state
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch outside MoE layers
@@ -104,9 +108,6 @@ def logical_state_specs(config: Config, model: Optional[nn.Module] = None) -> An
     Derived with ``jax.eval_shape`` from the boxed ``init_state``: optimizer moments inherit the
     names of their parameters; scalars and unboxed collections get ``P()``.
     """
-    from ling_jax.model import Transformer
-    from ling_jax.train import init_state
-
     model = model or Transformer(config.model)
     boxed = jax.eval_shape(functools.partial(init_state, config, model, unbox=False), jax.random.key(0))
     return nn.get_partition_spec(boxed)
@@ -178,9 +179,6 @@ class Plan:
 
 def state_shardings(config: Config, mesh: Mesh, model: Optional[nn.Module] = None) -> Any:
     """TrainState of NamedShardings on `mesh` (params, optimizer state, step, extra collections)."""
-    from ling_jax.model import Transformer
-    from ling_jax.train import init_state
-
     model = model or Transformer(config.model)
     logical = logical_state_specs(config, model)
     missing = unruled_names(logical)
@@ -207,16 +205,12 @@ def plan(config: Config, model: Optional[nn.Module] = None, devices: Optional[Se
 
 def abstract_state(config: Config, model: nn.Module, shardings: Any) -> Any:
     """TrainState of ShapeDtypeStructs carrying `shardings` (a restore target for another mesh)."""
-    from ling_jax.train import init_state
-
     shapes = jax.eval_shape(functools.partial(init_state, config, model), jax.random.key(0))
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def init_sharded_state(config: Config, model: nn.Module, rng: jax.Array, shardings: Any) -> Any:
     """``init_state`` computed directly into its shards (no device ever holds the whole model)."""
-    from ling_jax.train import init_state
-
     # Traced without the mesh context: init runs the model on a batch of one (no activation rules,
     # no expert-parallel dispatch); the out_shardings place every parameter.
     return jax.jit(functools.partial(init_state, config, model), out_shardings=shardings)(rng)
@@ -262,74 +256,3 @@ def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, batch
     """
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (batch_size,) + np.shape(v)[1:])
             for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- jitted steps
-
-
-def jit_train_step(config: Config, model: nn.Module, plan: Plan, *, donate: bool = True) -> Callable:
-    """``(state, batch) -> (state, metrics)`` jitted with explicit in/out shardings."""
-    from ling_jax.train import make_train_step
-
-    return jax.jit(within(plan.mesh, make_train_step(config, model)), donate_argnums=(0,) if donate else (),
-                   in_shardings=(plan.state, plan.batch), out_shardings=(plan.state, plan.replicated))
-
-
-def jit_eval_step(model: nn.Module, plan: Plan) -> Callable:
-    """``(params, extra, batch) -> sums`` jitted with explicit in/out shardings."""
-    from ling_jax.train import make_eval_step
-
-    return jax.jit(within(plan.mesh, make_eval_step(model)), in_shardings=(plan.state.params, plan.state.extra, plan.batch),
-                   out_shardings=plan.replicated)
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _shard_bytes(abstract: Any, shardings: Any) -> int:
-    total = 0
-    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
-        total += math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
-def memory_report(config: Config) -> dict:
-    """Per-device bytes of one compiled train step on ``config.mesh`` over the present devices.
-
-    ``param_bytes_per_device`` and ``optimizer_bytes_per_device`` are the shards of the compiled
-    program's inputs; ``activation_bytes_per_device`` is its temporary memory (activations kept
-    for the backward pass, gradients, collectives' buffers) from XLA's memory analysis.
-    """
-    from ling_jax.model import Transformer
-
-    model = Transformer(config.model)
-    try:
-        p = plan(config, model)
-    except ConfigError as e:
-        if jax.default_backend() != "cpu" or "devices" not in str(e):
-            raise
-        raise ConfigError(f"{e}. To plan a larger mesh on this CPU machine, fake its devices: "
-                          "XLA_FLAGS=--xla_force_host_platform_device_count=N ling-jax info ...") from None
-    state = abstract_state(config, model, p.state)
-    b, t = config.train.batch_size, config.train.seq_len
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "oracle_mask": jnp.bool_}
-    batch = {k: jax.ShapeDtypeStruct((b, t), d, sharding=p.batch) for k, d in dtypes.items()}
-    compiled = jit_train_step(config, model, p).lower(state, batch).compile()
-    in_state = compiled.input_shardings[0][0]
-    mem = compiled.memory_analysis()
-    report = {
-        "mesh": mesh_sizes(p.mesh),
-        "devices": p.mesh.size,
-        "param_bytes_per_device": _shard_bytes(state.params, in_state.params),
-        "optimizer_bytes_per_device": _shard_bytes(state.opt_state, in_state.opt_state),
-        "batch_bytes_per_device": _shard_bytes(batch, compiled.input_shardings[0][1]),
-    }
-    if mem is not None:
-        report.update({
-            "activation_bytes_per_device": int(mem.temp_size_in_bytes),
-            "argument_bytes_per_device": int(mem.argument_size_in_bytes),
-            "output_bytes_per_device": int(mem.output_size_in_bytes),
-            "peak_bytes_per_device": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
-        })
-    return report

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -32,64 +31,15 @@ from ling_jax.checkpoints import CheckpointError, checkpoint_manager, restore_la
 from ling_jax.config import Config, from_dict
 from ling_jax.data import Batch
 from ling_jax.layers.moe import BIAS_COLLECTION
+from ling_jax import sharding as sharding_lib
 from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
+from ling_jax.train_state import STATE_COLLECTIONS, TrainState, abstract_state, init_state, make_optimizer  # noqa: F401 (re-exported)
 from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, prepare, read_record, recorded_config,
                               truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
-
-# Variable collections that are model state: carried from step to step in TrainState.extra and
-# checkpointed. A new stateful collection must be added here (init_state refuses to create an
-# unlisted one, rather than silently leaving it out of checkpoints).
-STATE_COLLECTIONS = (BIAS_COLLECTION,)
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    extra: Any  # non-trained variable collections, e.g. {"moe_bias": ...}
-
-
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    t = config.train
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),
-        decay_steps=max(t.steps, max(t.warmup_steps, 1) + 1), end_value=t.learning_rate * t.min_lr_ratio,
-    )
-    # No weight decay on norm scales (1-D params).
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=0.9, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
-
-
-def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: bool = True) -> TrainState:
-    """``unbox=False`` keeps the logical-axis boxes (``ling_jax.sharding`` reads them under eval_shape).
-
-    Only ``params`` and :data:`STATE_COLLECTIONS` are mutable during init, so whatever layers sow
-    (``intermediates``, ``depth``, ...) is dropped: ``extra`` holds state only.
-    """
-    tokens = jnp.zeros((1, min(8, config.train.seq_len)), jnp.int32)
-    variables = model.init(rng, tokens, mutable=["params", *STATE_COLLECTIONS])
-    variables = nn.meta.unbox(variables) if unbox else dict(variables)
-    params = variables.pop("params")
-    extra = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
-    tx, _ = make_optimizer(config)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=extra)
-
-
-def abstract_state(config: Config, model: Transformer, device: Optional[jax.Device] = None) -> TrainState:
-    """A TrainState of ShapeDtypeStructs on one device: a restore target that allocates nothing."""
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    shapes = jax.eval_shape(lambda key: init_state(config, model, key), jax.random.key(0))
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-
 
 def cross_entropy(logits: Float[Array, "B T V"], targets, mask) -> tuple[jax.Array, jax.Array]:
     """Mean token cross-entropy in nats over `mask`, and the number of scored tokens."""
@@ -167,6 +117,18 @@ def make_eval_step(model: Transformer) -> Callable:
         return {"nll_sum": ce * n, "count": n, "correct": correct}
 
     return eval_step
+
+
+def jit_train_step(config: Config, model: Transformer, plan: sharding_lib.Plan, *, donate: bool = True) -> Callable:
+    """``(state, batch) -> (state, metrics)`` jitted with explicit in/out shardings."""
+    return jax.jit(sharding_lib.within(plan.mesh, make_train_step(config, model)), donate_argnums=(0,) if donate else (),
+                   in_shardings=(plan.state, plan.batch), out_shardings=(plan.state, plan.replicated))
+
+
+def jit_eval_step(model: Transformer, plan: sharding_lib.Plan) -> Callable:
+    """``(params, extra, batch) -> sums`` jitted with explicit in/out shardings."""
+    return jax.jit(sharding_lib.within(plan.mesh, make_eval_step(model)),
+                   in_shardings=(plan.state.params, plan.state.extra, plan.batch), out_shardings=plan.replicated)
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: list[Batch], metric: str,
@@ -269,7 +231,6 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
                   devices: Optional[Sequence[jax.Device]], final_eval: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from ling_jax import sharding as sharding_lib
     from ling_jax.pipeline import build_data
 
     record = read_record(workdir)
@@ -317,7 +278,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     step_config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=schedule_steps))
     if plan:  # jitted with explicit in/out shardings; host batches become global arrays
         to_global = lambda b: sharding_lib.global_batch(b, plan.batch, config.train.batch_size)  # noqa: E731
-        sharded_train, sharded_eval = sharding_lib.jit_train_step(step_config, model, plan), sharding_lib.jit_eval_step(model, plan)
+        sharded_train, sharded_eval = jit_train_step(step_config, model, plan), jit_eval_step(model, plan)
         train_step = lambda s, b: sharded_train(s, to_global(b))  # noqa: E731
         eval_step = lambda p, e, b: sharded_eval(p, e, to_global(b))  # noqa: E731
     else:

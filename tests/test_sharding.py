@@ -26,7 +26,8 @@ from ling_jax.layers.moe_dispatch import capacity_keep
 from ling_jax.layers.moe_parallel import expert_parallel_ffn, reference_ffn
 from ling_jax.model import Transformer
 from ling_jax.testing import assert_close
-from ling_jax.train import checkpoint_manager, init_state, make_train_step, restore_latest
+from ling_jax.memory import memory_report
+from ling_jax.train import checkpoint_manager, init_state, jit_train_step, make_train_step, restore_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -100,7 +101,7 @@ def _sharded_step(layout, state):
         model = Transformer(config.model)
         plan = S.plan(config, model)
         args = (jax.device_put(state, plan.state), S.global_batch(_batch(config), plan.batch, 8))
-        _STEPS[layout] = (config, plan, _compile(S.jit_train_step(config, model, plan, donate=False), *args))
+        _STEPS[layout] = (config, plan, _compile(jit_train_step(config, model, plan, donate=False), *args))
     return _STEPS[layout]
 
 
@@ -405,7 +406,7 @@ def test_host_slice_and_global_batch_single_process():
 
 def test_memory_report_shards_params_over_fsdp():
     config = apply_overrides(get_preset("cpu-tiny"), {**TINY, "mesh.data": "1", "mesh.fsdp": "8"})
-    report = S.memory_report(config)
+    report = memory_report(config)
     model = Transformer(config.model)
     total = sum(x.size * 4 for x in jax.tree_util.tree_leaves(jax.eval_shape(
         lambda: init_state(config, model, jax.random.key(0)).params)))

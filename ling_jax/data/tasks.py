@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -145,6 +145,7 @@ def _check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
 
 
+@runtime_checkable
 class TaskConfig(Protocol):
     """What `make_batch` needs from a task config."""
 

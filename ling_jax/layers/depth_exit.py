@@ -55,7 +55,7 @@ def saturation_confidence(after: Float[Array, "B T E"], before: Float[Array, "B 
 
 
 def threshold_at(depth: DepthConfig, positions: Int[Array, "B T"], max_seq_len: int,
-                 threshold: Optional[Float[Array, ""]] = None) -> Float[Array, "B T"]:
+                 threshold: Optional[float | Float[Array, ""]] = None) -> Float[Array, "B T"]:
     """Exit threshold per token, decaying from ``exit_threshold`` toward the bottom of the range.
 
     ``lo + (threshold - lo) * exp(-exit_decay * position / max_seq_len)``: later tokens exit more

@@ -53,7 +53,7 @@ NEVER = np.iinfo(np.int32).min  # expiry of a key no query beyond its window may
 FOREVER = np.iinfo(np.int32).max
 
 
-def temperature(pc: PruningConfig, step: Optional[Array]) -> Array:
+def temperature(pc: PruningConfig, step: Optional[int | Array]) -> Array:
     """Soft-mask temperature: geometric from ``temperature`` to ``final_temperature`` over
     ``anneal_steps`` (without a step, e.g. in evaluation: the final one)."""
     if pc.anneal_steps == 0:
@@ -64,7 +64,7 @@ def temperature(pc: PruningConfig, step: Optional[Array]) -> Array:
     return jnp.float32(pc.temperature) * (pc.final_temperature / pc.temperature) ** frac
 
 
-def soft_log_keep(score: Float[Array, "B T"], temp: Float[Array, ""]) -> Float[Array, "B T"]:
+def soft_log_keep(score: Float[Array, "*shape"], temp: float | Float[Array, ""]) -> Float[Array, "*shape"]:
     """Log keep-probability of the soft mask."""
     return jax.nn.log_sigmoid(score / temp)
 

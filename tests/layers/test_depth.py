@@ -386,7 +386,7 @@ def test_compaction_round_trip_keeps_unselected_entries():
     state = TokenState().scatter(TokenState(prune_priority=jnp.full((2, 2), 3.0)), idx, valid, 5)
     np.testing.assert_array_equal(np.asarray(state.prune_priority), np.where(np.asarray(selected), 3.0, 0.0))
     with pytest.raises(ValueError, match="self-attention mask"):
-        compact_mask(mask.replace(kv_positions=jnp.zeros((2, 3), int)), idx, valid)
+        compact_mask(mask.replace(kv_positions=jnp.zeros((2, 3), jnp.int32), kv_valid=jnp.ones((2, 3), bool)), idx, valid)
 
 
 def test_combines_with_pruning_through_the_shared_compaction(params, tokens):

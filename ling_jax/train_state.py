@@ -1,0 +1,70 @@
+"""The training state: :class:`TrainState`, the optimizer and its initialisation.
+
+Below both :mod:`ling_jax.train` (which steps the state) and :mod:`ling_jax.sharding` (which
+derives its shardings with ``jax.eval_shape`` of :func:`init_state`), so neither imports the other
+in a cycle. Re-exported by :mod:`ling_jax.train`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ling_jax.config import Config
+from ling_jax.layers.moe import BIAS_COLLECTION
+from ling_jax.model import Transformer
+
+# Variable collections that are model state: carried from step to step in TrainState.extra and
+# checkpointed. A new stateful collection must be added here (init_state refuses to create an
+# unlisted one, rather than silently leaving it out of checkpoints).
+STATE_COLLECTIONS = (BIAS_COLLECTION,)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any  # non-trained variable collections, e.g. {"moe_bias": ...}
+
+
+def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),
+        decay_steps=max(t.steps, max(t.warmup_steps, 1) + 1), end_value=t.learning_rate * t.min_lr_ratio,
+    )
+    # No weight decay on norm scales (1-D params).
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=0.9, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: bool = True) -> TrainState:
+    """``unbox=False`` keeps the logical-axis boxes (``ling_jax.sharding`` reads them under eval_shape).
+
+    Only ``params`` and :data:`STATE_COLLECTIONS` are mutable during init, so whatever layers sow
+    (``intermediates``, ``depth``, ...) is dropped: ``extra`` holds state only.
+    """
+    tokens = jnp.zeros((1, min(8, config.train.seq_len)), jnp.int32)
+    variables = model.init(rng, tokens, mutable=["params", *STATE_COLLECTIONS])
+    variables = nn.meta.unbox(variables) if unbox else dict(variables)
+    params = variables.pop("params")
+    extra = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
+    tx, _ = make_optimizer(config)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), extra=extra)
+
+
+def abstract_state(config: Config, model: Transformer, device: Optional[jax.Device] = None) -> TrainState:
+    """A TrainState of ShapeDtypeStructs on one device: a restore target that allocates nothing."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    shapes = jax.eval_shape(lambda key: init_state(config, model, key), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
