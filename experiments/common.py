@@ -242,6 +242,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def with_reduction(records: Sequence[Mapping[str, Any]], kind: str) -> list[dict]:
+    """Records whose ``trf`` is the token reduction factor of ``kind`` (``computed``: what the
+    compiled program executes; ``ideal``: an ideal sparse kernel), from ``trf_<kind>``. Records made
+    before both were recorded have no ``trf_computed``: their ``trf`` becomes None (not plotted or
+    tabulated as computed)."""
+    if kind not in ("computed", "ideal"):
+        raise ValueError(f"kind must be 'computed' or 'ideal', got {kind!r}")
+    return [{**r, "trf": r.get(f"trf_{kind}")} for r in records]
+
+
 def write_csv(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     """All records as CSV (columns: the union of keys, sorted; floats with 6 significant digits)."""
     import csv

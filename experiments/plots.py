@@ -108,7 +108,7 @@ def pareto(records: Sequence[Mapping], task: str, path: Path, tolerance: float =
             continue
         series.setdefault(_series_label(a), []).append(a)
     dense = [a for a in agg if a["method"] == "dense"]
-    for ax, xkey, xlabel in ((axes[0], "trf", "token reduction factor (dense FLOPs / computed FLOPs)"),
+    for ax, xkey, xlabel in ((axes[0], "trf", "token reduction factor, computed (dense FLOPs / compiled FLOPs)"),
                              (axes[1], "keep_ratio", "fraction of tokens kept as keys (per pruning layer)")):
         for label, pts in sorted(series.items()):
             pts = sorted(pts, key=lambda p: p[f"{xkey}_mean"])
@@ -162,7 +162,7 @@ def ablation_scatter(rows: Sequence[Mapping], path: Path, title: str, label_key:
                    label=f"{tolerance:.0%} quality loss vs dense")
     ax.set_xscale("log")
     _log_axis(ax, suffix="×")
-    ax.set_xlabel("token reduction factor (dense FLOPs / computed FLOPs)", fontsize=9)
+    ax.set_xlabel("token reduction factor, computed (dense FLOPs / compiled FLOPs)", fontsize=9)
     ax.set_ylabel("bits per byte (lower is better)" if metric == "bpb" else "accuracy (higher is better)", fontsize=9)
     ax.tick_params(labelsize=9)
     ax.set_title(title, fontsize=11)
@@ -326,13 +326,13 @@ def draw_all(results_root: Path, preset: str) -> list[Path]:
     root = Path(results_root)
     out = figures_dir(root, preset)
     made: list[Path] = []
-    sweep = C.read_jsonl(root / preset / "sweep_pruning.jsonl")
+    sweep = C.with_reduction(C.read_jsonl(root / preset / "sweep_pruning.jsonl"), "computed")
     for task in C.TASKS:
         if any(r["task"] == task for r in sweep):
             made.append(pareto(sweep, task, out / f"pareto_{task}.png"))
     for name, title in (("ablate_moe", "MoE ablation"), ("ablate_depth", "adaptive depth ablation"),
                         ("combined", "pruning + MoE + depth")):
-        rows = C.read_jsonl(root / preset / f"{name}.jsonl")
+        rows = C.with_reduction(C.read_jsonl(root / preset / f"{name}.jsonl"), "computed")
         for task in C.TASKS:
             mine = [r for r in rows if r["task"] == task]
             if mine:
