@@ -187,3 +187,16 @@ def test_bench_realized_smoke(tmp_path):
     assert data["prune_budget_compact_50_skip_fraction"] == 0.5  # budget T/2: half the tokens compacted away
     assert data["prune_budget_compact_50_prefill_ledger_computed"] < data["dense_prefill_ledger_computed"]
     assert data["prune_budget_compact_50_decode_time_vs_dense"] > 0
+
+
+def test_time_tests_reads_counts_and_the_slowest_item_from_pytest_output():
+    from experiments.time_tests import parse
+
+    out = ("============================= slowest 15 durations =============================\n"
+           "61.20s call     tests/test_realized.py::test_no_future\n"
+           "70.50s setup    tests/test_realized.py::test_ledger[a]\n"
+           "=========== 540 passed, 2 skipped, 1 failed in 845.12s (0:14:05) ===========\n")
+    got = parse(out)
+    assert (got["passed"], got["skipped"], got["failed"], got["errors"]) == (540, 2, 1, 0)
+    assert got["pytest_s"] == 845.12 and got["slowest_s"] == 70.5
+    assert got["slowest_item"] == "tests/test_realized.py::test_ledger[a] (setup)"
