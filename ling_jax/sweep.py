@@ -147,6 +147,7 @@ def format_table(rows: Sequence[dict], metric: str) -> str:
 
 
 def best_within(rows: Sequence[dict], tolerance: float = 0.02) -> Optional[dict]:
-    """The row with the largest computed token reduction whose relative loss is at most ``tolerance``."""
-    ok = [r for r in rows if r["rel_loss"] <= tolerance and r["rule"] != "keep_all"]
+    """The row with the largest computed token reduction whose relative loss is at most ``tolerance``;
+    only rows that compute less than dense (factor > 1) count (None if there is none)."""
+    ok = [r for r in rows if r["rel_loss"] <= tolerance and r["rule"] != "keep_all" and r["token_reduction"] > 1.0]
     return max(ok, key=lambda r: r["token_reduction"]) if ok else None

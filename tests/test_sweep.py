@@ -91,6 +91,9 @@ def test_best_within_picks_the_largest_reduction_inside_the_tolerance():
     assert best_within(rows)["rule"] == "window"
     assert best_within(rows, tolerance=0.1)["rule"] == "budget"
     assert best_within(rows[:1]) is None
+    # A masked setting that computes as much as dense is no reduction, however good its quality.
+    masked = [{"rule": "window", "value": 16, "token_reduction": 1.0, "rel_loss": -0.01}]
+    assert best_within(rows[:1] + masked) is None
 
 
 def _snapshot(workdir) -> dict:
