@@ -60,10 +60,6 @@ class TokenState:
     cache_op: Optional[str] = flax.struct.field(pytree_node=False, default=None)  # None | "prefill" | "decode"
     cache_slots: int = flax.struct.field(pytree_node=False, default=0)  # slots of an unpruned layer's cache
 
-    @staticmethod
-    def per_token_fields() -> tuple[str, ...]:
-        return tuple(_FILL)
-
     def __post_init__(self):
         if self.cache_op not in (None, PREFILL, DECODE):
             raise ValueError(f"TokenState.cache_op must be None, {PREFILL!r} or {DECODE!r}, got {self.cache_op!r}")
@@ -108,7 +104,3 @@ class TokenState:
     def with_context_of(self, other: "TokenState") -> "TokenState":
         return self.replace(step=other.step, policy=other.policy)
 
-
-def start_state(state: Optional[TokenState] = None, **fields) -> TokenState:
-    """A state for one forward pass: ``state`` (or an empty one) with ``fields`` set."""
-    return (state or TokenState()).replace(**fields)
