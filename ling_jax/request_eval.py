@@ -8,6 +8,8 @@ input the model skipped work on, does what comes next stay right". One request i
    pruning with its budgeted KV cache and compaction, MoE), which leaves a (pruned) KV cache;
 2. the continuation is teacher-forced through that cache one token at a time
    (:func:`ling_jax.generate.decode_step`), so every prediction sees exactly what the cache kept;
+   the prefill computes the output head for the prompt's last token only (its prediction is the
+   continuation's first token), as a server does, for the dense model and every variant alike;
 3. quality is measured on the continuation only: the prediction of continuation token ``j`` comes
    from the prompt plus continuation tokens ``< j``;
 4. work is the ledger's ``computed`` FLOPs of the whole request (prefill + continuation steps,
@@ -60,7 +62,7 @@ def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, or
         {"params": params}, prompt, positions_of(prompt_valid), prompt_valid,
         state=TokenState(cache_op=kv_cache.PREFILL, cache_slots=slots,
                          oracle=oracle if config.pruning.baseline == "oracle" else None),
-        policy=policy, mutable=["cache", "intermediates"])
+        policy=policy, last_only=True, mutable=["cache", "intermediates"])  # [B, 1, V]: only the next token
     cache, prefill_stats = state["cache"], state["intermediates"]
     start = jnp.sum(prompt_valid, axis=1).astype(jnp.int32)  # [B] position of continuation token 0
     ones = jnp.ones((b,), bool)
@@ -76,7 +78,7 @@ def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, or
 
     feed = continuation[:, :-1].T  # [C - 1, B]: token j feeds the prediction of token j + 1
     _, (step_logits, step_stats) = jax.lax.scan(step, cache, (feed, jnp.arange(feed.shape[0], dtype=jnp.int32)))
-    logits = jnp.concatenate([prompt_logits[:, -1:], jnp.swapaxes(step_logits, 0, 1)], axis=1)  # [B, C, V]
+    logits = jnp.concatenate([prompt_logits, jnp.swapaxes(step_logits, 0, 1)], axis=1)  # [B, C, V]
     return logits, cache, _sum_leaves(prefill_stats), _sum_leaves(step_stats)
 
 
