@@ -47,6 +47,8 @@ class RequestResult(NamedTuple):
     ideal_flops: float  # ledger ``ideal`` of prefill + continuation
     prefill_computed_flops: float
     cache_bytes: int  # KV cache held after the prefill (all layers)
+    prefill_terms: dict  # prefill ``computed`` FLOPs by ledger term (Ledger.by_term)
+    continuation_terms: dict  # the same for the continuation's decoding steps
 
 
 def _sum_leaves(tree):
@@ -107,7 +109,8 @@ def run_request(config: ModelConfig, params, prompt: Int[Array, "B P"], continua
     step_ledger = ledger_from_intermediates(config, jax.device_get(steps))
     return RequestResult(logits=logits, computed_flops=pre_ledger.computed + step_ledger.computed,
                          ideal_flops=pre_ledger.ideal + step_ledger.ideal,
-                         prefill_computed_flops=pre_ledger.computed, cache_bytes=kv_cache.nbytes(cache))
+                         prefill_computed_flops=pre_ledger.computed, cache_bytes=kv_cache.nbytes(cache),
+                         prefill_terms=pre_ledger.by_term(), continuation_terms=step_ledger.by_term())
 
 
 def continuation_nll(logits: Float[Array, "B C V"], continuation: Int[Array, "B C"],
