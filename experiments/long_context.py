@@ -83,6 +83,7 @@ class LongSizes:
     eval_batch: int
     budgets: Mapping[str, tuple[int, ...]]  # task -> KV slots per layer
     needles: int  # needles of the distractor level (and of training)
+    keys: int = 32  # needle keys and values drawn from this many ids each
     window: int = 8
     num_sinks: int = 1
     keep_ratio: float = 0.05  # soft-mask target keep ratio of the learned scorer
@@ -95,10 +96,10 @@ SIZES: dict[str, LongSizes] = {
                                                    max_seq_len=160),
                        prompt=96, continuation=8, short_len=40, short_batch=4, short_steps=2, long_batch=2,
                        long_steps=1, retrofit_steps=1, seeds=1, scratch_seeds=1, eval_batches=1, eval_batch=2,
-                       budgets={"needle": (12, 16), "code": (16,)}, needles=2),
+                       budgets={"needle": (12, 16), "code": (16,)}, needles=2, keys=8),
     # 2 CPU cores, about an hour (measured time in the README).
     "long": LongSizes(base="long", model={}, prompt=1024, continuation=64, short_len=256, short_batch=16,
-                      short_steps=300, long_batch=4, long_steps=30, retrofit_steps=40, seeds=3, scratch_seeds=1,
+                      short_steps=300, long_batch=4, long_steps=30, retrofit_steps=30, seeds=3, scratch_seeds=1,
                       eval_batches=2, eval_batch=16, budgets={"needle": (12, 16, 32, 64), "code": (32, 64, 128, 256)},
                       needles=4),
     # One accelerator each; documented, not run here.
@@ -139,7 +140,8 @@ def train_config(s: LongSizes, task: str, seed: int, phase: str, pruned: bool):
                  "train.warmup_steps": max(1, min(30, steps // 10)), "train.checkpoint_every": steps,
                  "train.eval_batches": 1, "train.log_every": max(1, steps // 10),
                  "data.task": "needle" if task == "needle" else "text",
-                 "data.task_options": f"num_needles={s.needles},filler=mixed" if task == "needle" else ""})
+                 "data.task_options": f"num_needles={s.needles},num_keys={s.keys},num_values={s.keys},filler=mixed"
+                 if task == "needle" else ""})
     if pruned:
         flat.update({"model.pruning.enabled": True, "model.pruning.layers": "0", "model.pruning.mode": "soft",
                      "model.pruning.target_keep_ratio": s.keep_ratio, "model.pruning.num_sinks": s.num_sinks,
@@ -197,6 +199,7 @@ def make_requests(s: LongSizes, task: str, level: str) -> Requests:
 
         options = {"vocab": dict(num_needles=1, filler="vocab"), "code": dict(num_needles=1, filler="code"),
                    "distractors": dict(num_needles=s.needles, filler="vocab")}[level]
+        options.update(num_keys=s.keys, num_values=s.keys)
         batch = make_batch(make_task("needle", **options), seed=EVAL_SEED, step=0, batch_size=n, seq_len=s.prompt + 2)
         seq = np.concatenate([batch.inputs, batch.targets[:, -1:]], axis=1)  # [N, P + 3]
         scored = np.zeros((n, 3), np.float32)
@@ -378,9 +381,10 @@ def run(s: LongSizes, preset: str, root: Path, tasks: Sequence[str], seeds: int,
 
     jsonl, csv, _ = common.results_paths(root, preset, NAME)
     results = common.ResultsFile(jsonl, ["task", "level", "seed", "method", "budget"])
-    for task in tasks:
-        requests = {level: make_requests(s, task, level) for level in LEVELS[task]}
-        for seed in range(seeds):
+    requests_of = {task: {level: make_requests(s, task, level) for level in LEVELS[task]} for task in tasks}
+    for seed in range(seeds):  # seed-major: an interrupted run has whole seeds of every task
+        for task in tasks:
+            requests = requests_of[task]
             models = {"dense": train_model(s, task, seed, "dense", root, progress, meta),
                       "learned": train_model(s, task, seed, "learned", root, progress, meta)}
             if seed < s.scratch_seeds and task == "needle" and "learned-scratch" in methods:
