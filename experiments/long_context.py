@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,8 @@ SIZES: dict[str, LongSizes] = {
                        budgets={"needle": (12, 16), "code": (16,)}, needles=2, keys=8),
     # 2 CPU cores, about an hour (measured time in the README).
     "long": LongSizes(base="long", model={}, prompt=1024, continuation=64, short_len=256, short_batch=16,
-                      short_steps=300, long_batch=4, long_steps=30, retrofit_steps=30, seeds=3, scratch_seeds=1,
-                      eval_batches=2, eval_batch=16, budgets={"needle": (12, 16, 32, 64), "code": (32, 64, 128, 256)},
+                      short_steps=200, long_batch=4, long_steps=20, retrofit_steps=24, seeds=3, scratch_seeds=1,
+                      eval_batches=2, eval_batch=16, budgets={"needle": (12, 32, 64), "code": (32, 128, 512)},
                       needles=4),
     # One accelerator each; documented, not run here.
     "long-gpu": LongSizes(base="long-gpu", model={}, prompt=8192, continuation=64, short_len=1024, short_batch=64,
@@ -373,6 +374,12 @@ def _work_shares(rs: Sequence[Mapping], method: str, budget: int) -> dict[str, f
 # ----------------------------------------------------------------------------- main
 
 
+def _preset_layers(base: str) -> int:
+    from ling_jax.config import get_preset
+
+    return get_preset(base).model.num_layers
+
+
 def run(s: LongSizes, preset: str, root: Path, tasks: Sequence[str], seeds: int, progress: bool,
         meta: common.RunMeta, methods: Sequence[str] = METHODS) -> list[dict]:
     import jax
@@ -445,7 +452,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   for k, v in dataclasses.asdict(s).items()}, "tasks": tasks, "seeds": seeds})
     records = run(s, a.preset, a.results, tasks, seeds, not a.no_progress, meta, methods)
     summary = summarize(records, s)
-    summary.update({"preset": a.preset, "prompt": s.prompt, "command": meta.provenance.fields()["command"]})
+    prov = meta.provenance.fields()
+    summary.update({"preset": a.preset, "prompt": s.prompt, "continuation": s.continuation, "layers": None,
+                    "command": prov["command"], "git_revision": prov["git_revision"],
+                    "wall_s": round(meta.base_wall + prov["wall_s"], 1), "sizes": meta.fields["sizes"],
+                    "load_average_1min_end": os.getloadavg()[0], "cpu_count": os.cpu_count()})
+    if records:
+        summary["layers"] = SIZES[a.preset].model.get("num_layers") or _preset_layers(s.base)
     summary_path = a.results / a.preset / f"{NAME}.summary.json"
     import json
 
