@@ -33,8 +33,8 @@ further work); every method holds ``budget`` keys per layer:
 ``oracle@1``         the oracle deciding at layer 1 instead: the ceiling of any method that reads
                      one layer of context before it decides
 
-Models: the ``long`` preset (8 layers, d_model 64), trained short-first (``short_len`` tokens,
-then the full request length) per task and seed. Results: ``experiments/results/<preset>/
+Models: the ``long`` preset (8 layers, d_model 64), trained short-first (``phases``: short
+sequences, then longer, then the full request length) per task and seed. Results: ``experiments/results/<preset>/
 long_context.jsonl`` (one line per point, resumable), ``.csv``, ``.meta.json`` (command, git
 revision, config, checkpoints, wall time), ``long_context.summary.json`` (the README block reads
 it: ``experiments/report.py``) and the Pareto figures under ``experiments/results/figures/``.
@@ -72,11 +72,10 @@ class LongSizes:
     model: Mapping[str, Any]  # ModelConfig overrides on top of it
     prompt: int  # P
     continuation: int  # C of the code task (the needle's is its 3-token query + answer)
-    short_len: int  # curriculum: training sequence length of the first phase
-    short_batch: int
-    short_steps: int
-    long_batch: int  # second phase: full request length
-    long_steps: int
+    # curriculum per task: phases of (sequence length, batch, steps); a length of 0 means the full
+    # request (P + 2 for the needle, P + C for code); each phase starts from the previous one's weights
+    phases: Mapping[str, tuple[tuple[int, int, int], ...]]
+    long_batch: int  # batch of the retrofit (full request length)
     retrofit_steps: int  # soft-mask fine-tuning of the dense model (learned scorer)
     seeds: int
     scratch_seeds: int  # seeds that also train the scorer from scratch
@@ -95,22 +94,27 @@ SIZES: dict[str, LongSizes] = {
     # The test suite's: seconds.
     "smoke": LongSizes(base="cpu-tiny", model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64,
                                                    max_seq_len=160),
-                       prompt=96, continuation=8, short_len=40, short_batch=4, short_steps=2, long_batch=2,
-                       long_steps=1, retrofit_steps=1, seeds=1, scratch_seeds=1, eval_batches=1, eval_batch=2,
-                       budgets={"needle": (12, 16), "code": (16,)}, needles=2, keys=8),
+                       prompt=96, continuation=8, phases={"needle": ((40, 4, 2), (0, 2, 1)), "code": ((40, 4, 2), (0, 2, 1))},
+                       long_batch=2, retrofit_steps=1, seeds=1, scratch_seeds=1, eval_batches=1, eval_batch=2,
+                       budgets={"needle": (12,), "code": (16,)}, needles=2, keys=8),
     # 2 CPU cores, about an hour (measured time in the README).
-    "long": LongSizes(base="long", model={}, prompt=1024, continuation=64, short_len=256, short_batch=16,
-                      short_steps=200, long_batch=4, long_steps=20, retrofit_steps=24, seeds=3, scratch_seeds=1,
+    "long": LongSizes(base="long", model={}, prompt=1024, continuation=64,
+                      phases={"needle": ((64, 32, 400), (256, 16, 60), (0, 4, 16)), "code": ((256, 16, 150), (0, 4, 16))},
+                      long_batch=4, retrofit_steps=20, seeds=3, scratch_seeds=1, keys=16,
                       eval_batches=2, eval_batch=16, budgets={"needle": (12, 32, 64), "code": (32, 128, 512)},
                       needles=4),
     # One accelerator each; documented, not run here.
-    "long-gpu": LongSizes(base="long-gpu", model={}, prompt=8192, continuation=64, short_len=1024, short_batch=64,
-                          short_steps=3000, long_batch=16, long_steps=1000, retrofit_steps=500, seeds=3, scratch_seeds=3,
+    "long-gpu": LongSizes(base="long-gpu", model={}, prompt=8192, continuation=64,
+                          phases={"needle": ((256, 256, 2000), (1024, 64, 1000), (0, 16, 500)),
+                                  "code": ((1024, 64, 3000), (0, 16, 1000))},
+                          long_batch=16, retrofit_steps=500, seeds=3, scratch_seeds=3,
                           eval_batches=8, eval_batch=16,
                           budgets={"needle": (12, 32, 64, 128, 256, 512), "code": (64, 128, 256, 512, 1024)},
                           needles=16, keep_ratio=0.02, learning_rate=1e-3),
-    "long-tpu": LongSizes(base="long-tpu", model={}, prompt=16384, continuation=64, short_len=2048, short_batch=128,
-                          short_steps=4000, long_batch=32, long_steps=2000, retrofit_steps=1000, seeds=3,
+    "long-tpu": LongSizes(base="long-tpu", model={}, prompt=16384, continuation=64,
+                          phases={"needle": ((256, 512, 2000), (2048, 128, 1000), (0, 32, 1000)),
+                                  "code": ((2048, 128, 4000), (0, 32, 2000))},
+                          long_batch=32, retrofit_steps=1000, seeds=3,
                           scratch_seeds=3, eval_batches=8, eval_batch=32,
                           budgets={"needle": (12, 64, 128, 256, 512, 1024), "code": (128, 256, 512, 1024, 2048)},
                           needles=32, keep_ratio=0.01, learning_rate=1e-3),
@@ -126,18 +130,21 @@ def request_len(s: LongSizes, task: str) -> int:
     return s.prompt + 2 if task == "needle" else s.prompt + s.continuation
 
 
-def train_config(s: LongSizes, task: str, seed: int, phase: str, pruned: bool):
-    """The Config of one training phase: ``short`` (curriculum), ``long`` (full length) or
-    ``retrofit`` (soft-mask pruning on the dense model's weights, full length)."""
+def train_config(s: LongSizes, task: str, seed: int, phase: int | str, pruned: bool):
+    """The Config of one training phase: index ``phase`` of the task's curriculum, or
+    ``"retrofit"`` (soft-mask pruning on the dense model's weights, full length)."""
     from ling_jax.config import apply_overrides, get_preset
 
-    length, batch, steps = {"short": (s.short_len, s.short_batch, s.short_steps),
-                            "long": (request_len(s, task), s.long_batch, s.long_steps),
-                            "retrofit": (request_len(s, task), s.long_batch, s.retrofit_steps)}[phase]
+    if phase == "retrofit":
+        length, batch, steps = 0, s.long_batch, s.retrofit_steps
+    else:
+        length, batch, steps = s.phases[task][phase]
+    length = length or request_len(s, task)
+    first = phase == 0
     flat: dict[str, Any] = {f"model.{k}": v for k, v in s.model.items()}
     flat.update({"model.max_seq_len": max(request_len(s, task), s.model.get("max_seq_len", 0)),
                  "train.seq_len": length, "train.batch_size": batch, "train.steps": steps, "train.seed": seed,
-                 "train.learning_rate": s.learning_rate if phase == "short" else s.learning_rate / 3,
+                 "train.learning_rate": s.learning_rate if first else s.learning_rate / 3,
                  "train.warmup_steps": max(1, min(30, steps // 10)), "train.checkpoint_every": steps,
                  "train.eval_batches": 1, "train.log_every": max(1, steps // 10),
                  "data.task": "needle" if task == "needle" else "text",
@@ -152,7 +159,7 @@ def train_config(s: LongSizes, task: str, seed: int, phase: str, pruned: bool):
 
 
 def train_model(s: LongSizes, task: str, seed: int, variant: str, root: Path, progress: bool, meta: common.RunMeta):
-    """``dense`` (short then long), ``scratch`` (the same with the soft mask from step 0) or
+    """``dense`` (the curriculum), ``scratch`` (the same with the soft mask from step 0) or
     ``learned`` (the dense model retrofitted): a :class:`ling_jax.runs.Trained`."""
     from ling_jax.runs import init_workdir
 
@@ -164,12 +171,13 @@ def train_model(s: LongSizes, task: str, seed: int, variant: str, root: Path, pr
             init_workdir(cfg, run / "retrofit", dense.variables, allow_new=True)
         return meta.read(common.train_or_load(cfg, run / "retrofit", progress=progress))
     pruned = variant == "scratch"
-    short = common.train_or_load(train_config(s, task, seed, "short", pruned), run / "short", progress=progress)
-    meta.read(short)
-    cfg = train_config(s, task, seed, "long", pruned)
-    if not (run / "long" / "config.json").exists():
-        init_workdir(cfg, run / "long", short.variables)
-    return meta.read(common.train_or_load(cfg, run / "long", progress=progress))
+    trained = None
+    for i in range(len(s.phases[task])):
+        cfg, workdir = train_config(s, task, seed, i, pruned), run / f"phase{i}"
+        if trained is not None and not (workdir / "config.json").exists():
+            init_workdir(cfg, workdir, trained.variables)
+        trained = meta.read(common.train_or_load(cfg, workdir, progress=progress))
+    return trained
 
 
 # ----------------------------------------------------------------------------- requests

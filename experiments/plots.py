@@ -382,9 +382,6 @@ def draw_all(results_root: Path, preset: str) -> list[Path]:
             mine = [r for r in rows if r["task"] == task]
             if mine:
                 made.append(ablation_scatter(mine, out / f"{name}_{task}.png", f"{title}: {task}"))
-    long_rows = C.read_jsonl(root / preset / "long_context.jsonl")
-    if long_rows:
-        made.extend(long_context_fronts(long_rows, root / "figures", preset))
     pictures = root / preset / "pictures"
     for p in sorted(pictures.glob("keep_*.json")) if pictures.exists() else []:
         made.append(keep_map(json.loads(p.read_text()), out / f"{p.stem}.png"))
