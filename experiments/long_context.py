@@ -99,10 +99,10 @@ SIZES: dict[str, LongSizes] = {
                        budgets={"needle": (12,), "code": (16,)}, needles=2, keys=8),
     # 2 CPU cores, about an hour (measured time in the README).
     "long": LongSizes(base="long", model={}, prompt=1024, continuation=64,
-                      phases={"needle": ((64, 32, 400), (256, 16, 60), (0, 4, 16)), "code": ((256, 16, 150), (0, 4, 16))},
+                      phases={"needle": ((64, 32, 800), (256, 16, 60), (0, 4, 16)), "code": ((256, 16, 150), (0, 4, 16))},
                       long_batch=4, retrofit_steps=20, seeds=3, scratch_seeds=1, keys=16,
                       eval_batches=2, eval_batch=16, budgets={"needle": (12, 32, 64), "code": (32, 128, 512)},
-                      needles=4),
+                      needles=2),
     # One accelerator each; documented, not run here.
     "long-gpu": LongSizes(base="long-gpu", model={}, prompt=8192, continuation=64,
                           phases={"needle": ((256, 256, 2000), (1024, 64, 1000), (0, 16, 500)),
