@@ -76,14 +76,22 @@ def init_workdir(config: Config, workdir: str | Path, variables: dict, *, allow_
     if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
         raise FileExistsError(f"workdir {workdir} already holds a run; start from weights in a new workdir")
     model = Transformer(config.model)
-    state = jax.jit(lambda key: init_state(config, model, key))(jax.random.key(config.train.seed))
+    make_state = lambda key: init_state(config, model, key)  # noqa: E731
+    key = jax.random.key(config.train.seed)
     given = {"params": variables["params"], **{k: v for k, v in variables.items() if k != "params"}}
-    fresh = {"params": state.params, **state.extra}
-    if allow_new:
-        given = _overlay(fresh, given, workdir)
-    if jax.tree_util.tree_structure(given) != jax.tree_util.tree_structure(fresh) or any(
-            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(given), jax.tree_util.tree_leaves(fresh))):
-        raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
+
+    def fitted(state) -> dict:
+        """``given`` checked against (and, with ``allow_new``, completed from) ``state``'s variables."""
+        fresh = {"params": state.params, **state.extra}
+        out = _overlay(fresh, given, workdir) if allow_new else given
+        if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(fresh) or any(
+                a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(fresh))):
+            raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
+        return out
+
+    fitted(jax.eval_shape(make_state, key))  # refuse a misfit before compiling anything
+    state = jax.jit(make_state)(key)
+    given = dict(fitted(state))
     state = state.replace(params=given.pop("params"), extra=given)
     manager = checkpoint_manager(workdir, config)
     try:
