@@ -32,3 +32,13 @@ if os.environ.get("LING_JAX_TYPECHECK") == "1":
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_cmdline_main(config):
+    """``-n 2`` schedules by work stealing unless ``--dist`` is given: each worker starts on one
+    contiguous half of the suite (a module's tests, and so its compiled module-scope fixtures, stay
+    on one worker instead of being built on both) and an idle worker takes over the tail of the
+    other's queue (no worker waits while the other finishes a long tail)."""
+    args = config.invocation_params.args
+    if getattr(config.option, "dist", "no") == "load" and not any(str(a).startswith(("--dist", "-d")) for a in args):
+        config.option.dist = "worksteal"
