@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -216,64 +214,28 @@ def make_requests(s: LongSizes, task: str, level: str) -> Requests:
         return Requests(seq[:, :s.prompt].astype(np.int32), seq[:, s.prompt:].astype(np.int32), scored,
                         batch.oracle_mask[:, :s.prompt].astype(bool))
     from ling_jax.data.corpus import load_corpus
+    from ling_jax.request_eval import text_requests
 
-    data = load_corpus(None, "validation")
-    span = s.prompt + s.continuation
-    starts = np.linspace(0, len(data) - span - 1, n).astype(np.int64)
-    seq = np.stack([data[a:a + span] for a in starts]).astype(np.int32)  # [N, P + C]
-    return Requests(seq[:, :s.prompt], seq[:, s.prompt:], np.ones((n, s.continuation), np.float32), None)
+    prompt, continuation = text_requests(load_corpus(None, "validation"), n, s.prompt, s.continuation)
+    return Requests(prompt, continuation, np.ones((n, s.continuation), np.float32), None)
 
 
 def method_config(model, method: str, budget: int, s: LongSizes):
-    """The inference config of ``method`` at ``budget`` KV slots per layer, from a trained model's config."""
-    from ling_jax.config import PruningConfig
+    """The inference config of ``method`` at ``budget`` KV slots per layer
+    (:func:`ling_jax.request_eval.pruning_method`; ``oracle@1`` decides at layer 1)."""
+    from ling_jax.request_eval import pruning_method
 
-    if method == "dense":
-        return dataclasses.replace(model, pruning=dataclasses.replace(model.pruning, enabled=False))
-    common_fields = dict(mode="hard", inference_rule="budget", budget=budget, num_sinks=s.num_sinks, window=s.window,
-                         compaction=True, compaction_start="this_layer")
-    if method in ("learned", "learned-scratch"):
-        return dataclasses.replace(model, pruning=dataclasses.replace(model.pruning, **common_fields))
-    baseline, layers = {"oracle@1": ("oracle", "1")}.get(method, (method, "0"))
-    return dataclasses.replace(model, pruning=PruningConfig(enabled=True, layers=layers, baseline=baseline,
-                                                            **common_fields))
+    name, layers = {"oracle@1": ("oracle", "1"), "learned-scratch": ("learned", "0")}.get(method, (method, "0"))
+    return pruning_method(model, name, budget, num_sinks=s.num_sinks, window=s.window, layers=layers)
 
 
 def evaluate_point(cfg, params, requests: Requests, s: LongSizes, task: str) -> dict:
-    """Quality, work and time of one config over the requests."""
-    import jax
+    """Quality, work and time of one config over the requests (:func:`ling_jax.request_eval.evaluate_requests`)."""
+    from ling_jax.request_eval import evaluate_requests
 
-    from ling_jax.request_eval import continuation_nll, run_request
-
-    correct = total = nll_sum = 0.0
-    computed = ideal = 0.0
-    terms: dict[str, float] = {}
-    cache_bytes = 0
-    seconds = 0.0
-    for i, (prompt, cont, scored, oracle) in enumerate(requests.batches(s.eval_batch)):
-        if i == 0:  # compile (and warm) outside the timed calls
-            jax.block_until_ready(run_request(cfg, params, prompt, cont, oracle=oracle).logits)
-        start = time.perf_counter()
-        out = run_request(cfg, params, prompt, cont, oracle=oracle)
-        logits = np.asarray(jax.block_until_ready(out.logits))
-        seconds += time.perf_counter() - start
-        if task == "needle":
-            hit = (logits.argmax(-1) == cont) * scored
-            correct += float(hit.sum())
-            total += float(scored.sum())
-        else:
-            n = float(scored.sum())
-            nll_sum += float(continuation_nll(out.logits, cont, scored)) * n
-            total += n
-        computed += out.computed_flops
-        ideal += out.ideal_flops
-        cache_bytes = max(cache_bytes, out.cache_bytes // len(prompt))
-        for phase, part in (("prefill", out.prefill_terms), ("continuation", out.continuation_terms)):
-            for k, v in part.items():
-                terms[f"{phase}:{k}"] = terms.get(f"{phase}:{k}", 0.0) + v
-    quality = correct / total if task == "needle" else nll_sum / total / math.log(2)
-    return {"quality": quality, "computed_flops": computed, "ideal_flops": ideal, "kv_bytes_per_request": cache_bytes,
-            "seconds": seconds, "terms": terms}
+    return evaluate_requests(cfg, params, requests.prompt, requests.continuation, requests.scored,
+                             metric="accuracy" if task == "needle" else "bpb", oracle=requests.oracle,
+                             batch_size=s.eval_batch)
 
 
 def relative_loss(task: str, quality: float, dense: float) -> float:
@@ -391,8 +353,6 @@ def _preset_layers(base: str) -> int:
 def run(s: LongSizes, preset: str, root: Path, tasks: Sequence[str], seeds: int, progress: bool,
         meta: common.RunMeta, methods: Sequence[str] = METHODS) -> list[dict]:
     import jax
-
-    from ling_jax.runs import Trained  # noqa: F401
 
     jsonl, csv, _ = common.results_paths(root, preset, NAME)
     results = common.ResultsFile(jsonl, ["task", "level", "seed", "method", "budget"])
