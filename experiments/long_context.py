@@ -73,8 +73,9 @@ class LongSizes:
     # curriculum per task: phases of (sequence length, batch, steps); a length of 0 means the full
     # request (P + 2 for the needle, P + C for code); each phase starts from the previous one's weights
     phases: Mapping[str, tuple[tuple[int, int, int], ...]]
-    long_batch: int  # batch of the retrofit (full request length)
-    retrofit_steps: int  # soft-mask fine-tuning of the dense model (learned scorer)
+    # soft-mask fine-tuning of the dense model (the learned scorer): (length, batch, steps); the
+    # scorer of the first layer reads single tokens, so short sequences teach it as well as long ones
+    retrofit: tuple[int, int, int]
     seeds: int
     scratch_seeds: int  # seeds that also train the scorer from scratch
     eval_batches: int
@@ -93,26 +94,26 @@ SIZES: dict[str, LongSizes] = {
     "smoke": LongSizes(base="cpu-tiny", model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64,
                                                    max_seq_len=160),
                        prompt=96, continuation=8, phases={"needle": ((0, 2, 2),), "code": ((0, 2, 2),)},
-                       long_batch=2, retrofit_steps=1, seeds=1, scratch_seeds=1, eval_batches=1, eval_batch=2,
+                       retrofit=(0, 2, 1), seeds=1, scratch_seeds=1, eval_batches=1, eval_batch=2,
                        budgets={"needle": (12,), "code": (16,)}, needles=2, keys=8),
     # 2 CPU cores, about an hour (measured time in the README).
     "long": LongSizes(base="long", model={}, prompt=1024, continuation=64,
                       phases={"needle": ((64, 32, 800), (256, 16, 60), (0, 4, 16)), "code": ((256, 16, 150), (0, 4, 16))},
-                      long_batch=4, retrofit_steps=20, seeds=3, scratch_seeds=1, keys=16,
+                      retrofit=(256, 16, 100), seeds=3, scratch_seeds=1, keys=16,
                       eval_batches=2, eval_batch=16, budgets={"needle": (12, 32, 64), "code": (32, 128, 512)},
                       needles=2),
     # One accelerator each; documented, not run here.
     "long-gpu": LongSizes(base="long-gpu", model={}, prompt=8192, continuation=64,
                           phases={"needle": ((256, 256, 2000), (1024, 64, 1000), (0, 16, 500)),
                                   "code": ((1024, 64, 3000), (0, 16, 1000))},
-                          long_batch=16, retrofit_steps=500, seeds=3, scratch_seeds=3,
+                          retrofit=(1024, 64, 500), seeds=3, scratch_seeds=3,
                           eval_batches=8, eval_batch=16,
                           budgets={"needle": (12, 32, 64, 128, 256, 512), "code": (64, 128, 256, 512, 1024)},
                           needles=16, keep_ratio=0.02, learning_rate=1e-3),
     "long-tpu": LongSizes(base="long-tpu", model={}, prompt=16384, continuation=64,
                           phases={"needle": ((256, 512, 2000), (2048, 128, 1000), (0, 32, 1000)),
                                   "code": ((2048, 128, 4000), (0, 32, 2000))},
-                          long_batch=32, retrofit_steps=1000, seeds=3,
+                          retrofit=(2048, 128, 1000), seeds=3,
                           scratch_seeds=3, eval_batches=8, eval_batch=32,
                           budgets={"needle": (12, 64, 128, 256, 512, 1024), "code": (128, 256, 512, 1024, 2048)},
                           needles=32, keep_ratio=0.01, learning_rate=1e-3),
@@ -133,12 +134,9 @@ def train_config(s: LongSizes, task: str, seed: int, phase: int | str, pruned: b
     ``"retrofit"`` (soft-mask pruning on the dense model's weights, full length)."""
     from ling_jax.config import apply_overrides, get_preset
 
-    if phase == "retrofit":
-        length, batch, steps = 0, s.long_batch, s.retrofit_steps
-    else:
-        length, batch, steps = s.phases[task][phase]
+    length, batch, steps = s.retrofit if phase == "retrofit" else s.phases[task][phase]
     length = length or request_len(s, task)
-    first = phase == 0
+    first = phase in (0, "retrofit")  # the full learning rate: a new phase of learning
     flat: dict[str, Any] = {f"model.{k}": v for k, v in s.model.items()}
     flat.update({"model.max_seq_len": max(request_len(s, task), s.model.get("max_seq_len", 0)),
                  "train.seq_len": length, "train.batch_size": batch, "train.steps": steps, "train.seed": seed,
