@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.array_types import HostArray
 from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.layers import kv_cache
 from ling_jax.layers.pruning_baselines import ATTENTION_POLICIES
@@ -193,9 +194,9 @@ def _generate(config, params, tokens, valid, oracle, rng, max_new_tokens, sampli
     return out.T, jnp.swapaxes(out_logits, 0, 1), cache
 
 
-def generate(config: ModelConfig, params, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None, *,
+def generate(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None, *,
              max_new_tokens: int, sampling: Sampling = Sampling(), rng: Optional[jax.Array] = None,
-             oracle: Optional[Bool[Array, "B T"]] = None, eos_id: Optional[int] = None) -> Generation:
+             oracle: Optional[Bool[HostArray, "B T"]] = None, eos_id: Optional[int] = None) -> Generation:
     """Generates ``max_new_tokens`` per row after left-padded prompts (see :func:`left_pad`).
 
     ``params`` are the model parameters (unboxed or boxed); ``oracle`` is the oracle mask of the

@@ -7,13 +7,17 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# LING_JAX_TYPECHECK=1: jaxtyping's import hook checks every annotated function of ling_jax at run
+# jaxtyping's import hook checks every annotated function of ling_jax and pallas_kernels at run
 # time with beartype (argument and return types, array shapes and dtypes). Installed here, before
-# any test imports ling_jax. Opt-in until the whole suite passes under it (see README).
-if os.environ.get("LING_JAX_TYPECHECK") == "1":
+# any test imports either package, so CI runs the whole suite under it. LING_JAX_TYPECHECK=0 turns
+# it off (for debugging a failure without the checker in the traceback).
+if os.environ.get("LING_JAX_TYPECHECK", "1") != "0":
     from jaxtyping import install_import_hook
 
-    install_import_hook("ling_jax", "beartype.beartype")
+    # is_pep484_tower: an int is accepted where a float is annotated (PEP 484's numeric tower, as
+    # static checkers do); beartype is stricter by default.
+    install_import_hook(("ling_jax", "pallas_kernels"),
+                        "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 import jax  # noqa: E402
 
