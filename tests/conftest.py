@@ -20,5 +20,19 @@ if os.environ.get("LING_JAX_TYPECHECK", "1") != "0":
                         "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def unchecked():
+    """Switches the run-time type checker off for one test: for tests of the library's own input
+    validation (the errors a user without the checker sees), whose bad shapes the checker would
+    refuse first."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
