@@ -68,7 +68,7 @@ def decoding_model(config: ModelConfig) -> Transformer:
     return Transformer(dataclasses.replace(config, remat="none"))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int | np.integer]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Prompts of different lengths -> (tokens [B, T], valid [B, T]), right-aligned."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("left_pad needs at least one prompt and every prompt needs at least one token")
@@ -156,8 +156,8 @@ def _teacher_forced(config, params, tokens, valid, oracle, slots):
     return _scan_tokens(model, params, cache, tokens, positions_of(valid), valid, oracle)[0]
 
 
-def teacher_forced_decode(config: ModelConfig, params, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None,
-                          *, oracle: Optional[Bool[Array, "B T"]] = None) -> Float[Array, "B T V"]:
+def teacher_forced_decode(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None,
+                          *, oracle: Optional[Bool[HostArray, "B T"]] = None) -> Float[Array, "B T V"]:
     """Logits at every position, computed by decoding the sequence token by token through the
     (pruned) KV cache: each prediction sees exactly what the cache holds at that point."""
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
