@@ -8,6 +8,9 @@
 * :func:`keep_map` which tokens each pruning layer keeps, drawn over a code sample or a task input;
 * :func:`expert_usage` routed-expert share per token class (whitespace, identifiers, keywords,
   punctuation, digits, other) for each MoE layer;
+* :func:`long_context_fronts` request-level Pareto fronts at long context (prompt -> prune ->
+  continue): quality loss against the computed reduction of the whole request, per task and
+  distractor level, every method at matched KV budgets;
 * :func:`layers_used` how many blocks each token of a code sample went through (adaptive depth).
 
 Every function takes plain records / JSON dicts (as stored under ``experiments/results/``) and a
@@ -43,6 +46,9 @@ STYLE = {  # method -> (color, marker)
     "h2o": ("tab:green", "^"),
     "tova": ("tab:olive", "v"),
     "oracle": ("tab:red", "*"),
+    "oracle@1": ("tab:pink", "P"),
+    "snapkv": ("tab:purple", "<"),
+    "learned-scratch": ("tab:brown", "h"),
 }
 _META = {"Software": "matplotlib"}  # fixed PNG metadata: no version string or date
 
@@ -139,6 +145,45 @@ def pareto(records: Sequence[Mapping], task: str, path: Path, tolerance: float =
     fig.tight_layout()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5, fontsize=9, frameon=False)
     return _save(fig, path)
+
+
+def long_context_fronts(records: Sequence[Mapping], out_dir: Path, preset: str, tolerance: float = 0.02) -> list[Path]:
+    """One figure per task of ``experiments/long_context.py``: a panel per distractor level,
+    relative quality loss (%) against the computed reduction of the whole request (log), one line
+    per method over its KV budgets (mean +- std over seeds), the 2% level dashed."""
+    made = []
+    for task in sorted({r["task"] for r in records}):
+        rows = [r for r in records if r["task"] == task and r["method"] != "dense"]
+        levels = sorted({r["level"] for r in rows}, key=lambda lv: ("vocab", "code", "distractors", "source").index(lv))
+        fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels) + 0.4, 4.0), squeeze=False)
+        for ax, level in zip(axes[0], levels):
+            agg = C.aggregate([r for r in rows if r["level"] == level], ("method", "budget"), ("rel_loss", "trf_computed"))
+            for method in sorted({a["method"] for a in agg}, key=lambda m: (not m.startswith("learned"), m)):
+                pts = sorted((a for a in agg if a["method"] == method and np.isfinite(a["rel_loss_mean"])
+                              and np.isfinite(a["trf_computed_mean"])), key=lambda a: a["trf_computed_mean"])
+                if not pts:  # e.g. an untrained dense model with no quality to lose (smoke runs)
+                    continue
+                color, marker = STYLE.get(method, ("black", "."))
+                ax.errorbar([p["trf_computed_mean"] for p in pts], [100 * p["rel_loss_mean"] for p in pts],
+                            xerr=[p["trf_computed_std"] for p in pts], yerr=[100 * p["rel_loss_std"] for p in pts],
+                            color=color, marker=marker, ls="-" if method.startswith("learned") else ":",
+                            label=method, capsize=2, ms=5, lw=1.3 if method.startswith("learned") else 1.0)
+            ax.axhline(100 * tolerance, color="black", lw=0.8, ls="--", label=f"{tolerance:.0%} quality loss")
+            ax.axhline(0.0, color="gray", lw=0.5)
+            ax.set_xscale("log")
+            _log_axis(ax, suffix="×")
+            ax.set_xlabel("token reduction, computed (whole request, dense FLOPs / FLOPs)", fontsize=9)
+            ax.set_title(f"{task}: {level}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.tick_params(labelsize=9)
+        metric = "accuracy lost" if task == "needle" else "bits per byte added"
+        axes[0][0].set_ylabel(f"quality loss vs dense, % ({metric})", fontsize=9)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.suptitle(f"prompt -> prune -> continue at matched KV budgets ({preset}; mean ± std over seeds)", fontsize=11)
+        fig.tight_layout()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, fontsize=9, frameon=False)
+        made.append(_save(fig, Path(out_dir) / preset / f"long_context_{task}.png"))
+    return made
 
 
 def ablation_scatter(rows: Sequence[Mapping], path: Path, title: str, label_key: str = "variant",

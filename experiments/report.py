@@ -521,6 +521,9 @@ def main(argv=None) -> int:
         from experiments import plots
 
         plots.draw_all(args.results, args.preset)
+        long_rows = C.read_jsonl(args.results / "long" / "long_context.jsonl")  # experiments/long_context.py
+        if long_rows:
+            plots.long_context_fronts(long_rows, args.results / "figures", "long")
     readme = splice(readme, section)
     for name in B.BLOCKS:
         if B.current_block(readme, name) is not None:

@@ -554,6 +554,56 @@ def bench_realized(root: Path) -> list[str]:
         "dispatch save little wall time at this size (the per-step sort and tile loop)."]
 
 
+def long_context(root: Path) -> list[str]:
+    name = "long/long_context.summary.json"
+    d = load(root, name)
+    fmt_q = lambda lv, v: f"{v:.3f}" if lv["metric"] == "bpb" else f"{v:.2f}"  # noqa: E731
+
+    def best(b):
+        if not b:
+            return "none"
+        return (f"**{b['trf_computed_mean']:.1f}x** ± {b['trf_computed_std']:.1f} (budget {b['budget']}, "
+                f"loss {pct(b['rel_loss_mean'], sign=True)})" + ("" if b["method"].startswith("learned") else f", {b['method']}"))
+
+    rows, adv = [], []
+    for lv in d["levels"]:
+        o = lv.get("oracle_ceiling")
+        lead = lv["best_learned"] or {}
+        rows.append([f"{lv['task']} / {lv['level']}", f"{fmt_q(lv, lv['dense_quality_mean'])} ± {fmt_q(lv, lv['dense_quality_std'])}"
+                     f" ({lv['metric']}, {lv['seeds']} seeds)", best(lv["best_learned"]), best(lv.get("best_learned_scratch")),
+                     best(lv["best_baseline"]),
+                     "—" if not o else f"{o['trf_computed']:.1f}x (budget {o['budget']}, loss {pct(o['rel_loss'], sign=True)})",
+                     "—" if not o or o.get("trf_computed_at_layer1") is None else f"{o['trf_computed_at_layer1']:.1f}x",
+                     "—" if not lead else f"{lead['kv_fraction_mean']:.3f}", "—" if not lead else f"{lead['time_fraction_mean']:.2f}"])
+        for a in lv["advantage"]:
+            adv.append([f"{lv['task']} / {lv['level']}", str(a["budget"]), a["best_baseline"],
+                        f"{a['learned_mean']:.3f}", f"{a['baseline_mean']:.3f}",
+                        f"{a['advantage_mean']:+.3f} ± {a['advantage_std']:.3f} (n={a['seeds']})"])
+    head_lv = next((lv for lv in d["levels"] if f"{lv['task']}/{lv['level']}" == d.get("headline_level")), None)
+    work = ""
+    if head_lv and head_lv.get("work_of_best_learned"):
+        top = list(head_lv["work_of_best_learned"].items())[:4]
+        work = ("Where the work of that request goes (share of its computed FLOPs, ledger terms): "
+                + ", ".join(f"`{k}` {pct(v)}" for k, v in top) + ".")
+    verdict = "met" if d["target_10x_met"] else "missed"
+    return header(root, name) + [
+        f"**Measured** with `{d['preset']}` ({d['layers']} layers, prompts of {d['prompt']} tokens, "
+        f"{d['wall_s'] / 60:.0f} min in all on {d['cpu_count']} cores; load average {d['load_average_1min_end']:.1f} "
+        "at the end). Reduction = dense FLOPs / FLOPs of the whole request (prefill + continuation), ledger `computed`; "
+        "loss = quality lost against the dense model on the same requests (accuracy points lost / dense accuracy, or "
+        "bits per byte added / dense bpb); mean ± std over seeds. KV kept and time are those of the learned row "
+        "(KV-cache bytes and wall time of the request against dense).", "",
+        *table(["task / level", "dense", "learned (retrofit): largest reduction within 2%", "learned (scratch, seed 0)",
+                "best baseline within 2%", "oracle ceiling", "oracle deciding at layer 1", "KV kept", "time vs dense"],
+               rows), "",
+        f"Target (10x or more within 2% on a sparse-information task at P >= 1024): **{verdict}**; the largest "
+        f"learned reduction within 2% is **{d['headline_trf_within_2pct']:.1f}x** "
+        f"({d['headline_level'] or 'no level'}). {work}", "",
+        "Learned scorer against the best baseline at each budget (quality difference, positive = learned better; "
+        "the baseline is the best one on the seed mean):", "",
+        *table(["task / level", "budget", "best baseline", "learned", "baseline", "learned - baseline"], adv)]
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {
     "test_time": test_time,
     "main_job": main_job,
@@ -569,6 +619,7 @@ BLOCKS: dict[str, Callable[[Path], list[str]]] = {
     "bench_depth": bench_depth,
     "depth_quality": depth_quality,
     "bench_realized": bench_realized,
+    "long_context": long_context,
 }
 
 

@@ -210,11 +210,49 @@ def cmd_eval(args, extra) -> int:
     if args.task:
         overrides["data.task"] = args.task
     config = apply_overrides(config, overrides)
+    if args.request:
+        print(json.dumps(_request_eval(args, config, state)))
+        return 0
     data = build_data(config)
     result = evaluate(jax.jit(make_eval_step(model)), state, data.eval_batches(), data.metric, data.bytes_per_token())
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
+
+
+def _request_eval(args, config: Config, state) -> dict:
+    """``eval --request P:C``: prompts of P bytes from the validation text, prefilled with
+    ``--method`` at ``--budget`` KV slots per layer, continued C bytes through the cache; bits per
+    byte of the continuation and the whole request's computed FLOPs against the dense model."""
+    import flax.linen as nn
+
+    from ling_jax.data.corpus import load_corpus
+    import numpy as np
+
+    from ling_jax.request_eval import evaluate_requests, pruning_method, text_requests
+
+    try:
+        prompt, continuation = (int(v) for v in args.request.split(":"))
+    except ValueError:
+        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 1024:64, got {args.request!r}")
+    if config.data.task != "text" or config.data.tokenizer:
+        raise ConfigError("eval --request reads byte-level text (data.task=text without a tokenizer)")
+    if prompt < 1 or continuation < 1 or prompt + continuation > config.model.max_seq_len:
+        raise ConfigError(f"--request {args.request}: need PROMPT, CONTINUATION >= 1 and PROMPT + CONTINUATION <= "
+                          f"model.max_seq_len ({config.model.max_seq_len})")
+    data = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
+    prompts, continuations = text_requests(data, args.requests, prompt, continuation)
+    scored = np.ones(continuations.shape, np.float32)
+    params = nn.meta.unbox(state.params)
+    runs = {}
+    for name in ("dense", args.method):
+        cfg = pruning_method(config.model, name, args.budget)
+        runs[name] = evaluate_requests(cfg, params, prompts, continuations, scored, metric="bpb", batch_size=8)
+    dense, mine = runs["dense"], runs[args.method]
+    return {"step": int(state.step), "prompt": prompt, "continuation": continuation, "requests": args.requests,
+            "method": args.method, "budget": args.budget, "bpb": mine["quality"], "dense_bpb": dense["quality"],
+            "token_reduction_computed": dense["computed_flops"] / mine["computed_flops"],
+            "kv_fraction": mine["kv_bytes_per_request"] / dense["kv_bytes_per_request"]}
 
 
 def _human_bytes(n: int) -> str:
@@ -440,6 +478,12 @@ def make_parser() -> argparse.ArgumentParser:
                        "(or other data); prints one JSON line."), epilog=OVERRIDES_HELP, **common)
     p.add_argument("--workdir", required=True, metavar="DIR", help="a training workdir")
     _add_data_args(p)
+    p.add_argument("--request", metavar="P:C", help="request-level evaluation (ling_jax/request_eval.py): prompts of P "
+                   "bytes prefilled with --method, continued C bytes through the pruned KV cache")
+    p.add_argument("--method", default="learned", choices=["learned", "window", "h2o", "tova", "snapkv", "random"],
+                   help="--request: which method keeps the prompt's tokens (default: the trained scorer)")
+    p.add_argument("--budget", type=int, default=64, metavar="B", help="--request: KV slots per layer (default 64)")
+    p.add_argument("--requests", type=int, default=16, metavar="N", help="--request: how many requests (default 16)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("info", help="parameter count, FLOPs per token, memory estimate",

@@ -111,6 +111,15 @@ class Ledger:
     def ideal(self) -> float:
         return sum(v for layer in self.per_layer.values() for k, v in layer.items() if k not in _COMPUTED_ONLY)
 
+    def by_term(self) -> dict[str, float]:
+        """``computed`` FLOPs by term (summed over layers): where the work of a run goes."""
+        out: dict[str, float] = {}
+        for layer in self.per_layer.values():
+            for k, v in layer.items():
+                if k not in _IDEAL_ONLY:
+                    out[k] = out.get(k, 0.0) + v
+        return out
+
     def count(self, name: str) -> float:
         return sum(layer.get(name, 0.0) for layer in self.counts.values())
 

@@ -15,15 +15,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.array_types import HostArray
-from ling_jax.config import ModelConfig
+from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.ledger import kv_flops_per_token
 from ling_jax.layers.attention import AttentionMask
 from ling_jax.layers.mla import attention_class
 from ling_jax.layers.basics import MLP, Embed, RMSNorm, compute_dtype, dense_init, param_with_axes
 from ling_jax.layers.pruning_compaction import compact_after_block, expand_compacted
 from ling_jax.layers import depth as depth_lib
+from ling_jax.layers import kv_cache
 from ling_jax.policy import InferencePolicy, inference_policy
-from ling_jax.routing import compact, expand
+from ling_jax.routing import compact, expand, selection_indices, token_capacity
 from ling_jax.token_state import TokenState
 
 
@@ -52,10 +53,22 @@ class Block(nn.Module):
         cfg = self.config
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
+        attn = attention_class(cfg)(cfg, name="attn")
         if self.layer_index in cfg.pruning_layers:
             from ling_jax.layers.pruning import TokenPruner
+            from ling_jax.layers.pruning_baselines import PREFILL_ATTENTION_POLICIES
 
-            mask, state = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, state)
+            received = None  # attention-driven baselines score the prompt by this layer's attention
+            if cfg.pruning.baseline in PREFILL_ATTENTION_POLICIES and state.cache_op == kv_cache.PREFILL:
+                if not hasattr(attn, "received_attention"):
+                    raise ConfigError(f"pruning baseline {cfg.pruning.baseline!r} needs attention='mha'")
+                received = attn.received_attention(h, mask, cfg.pruning.baseline)
+            mask, state = TokenPruner(cfg, self.layer_index, name="pruner")(h, mask, state, received)
+            if queries is None and state.prune_select is not None and cfg.pruning.compaction_start == "this_layer":
+                # compaction starts here: only the kept tokens get queries and the feed-forward
+                # (the Transformer drops the others after this block, from their state before it)
+                queries = selection_indices(state.prune_select & mask.q_valid,
+                                            token_capacity(x.shape[1], budget=cfg.pruning.budget))
         kv_only = 0.0  # tokens whose keys and values are computed without their query
         if queries is None:
             x_q, h_q, q_mask, kv_x = x, h, mask, None
@@ -70,7 +83,7 @@ class Block(nn.Module):
         if self.layer_index in cfg.pruning_layers or cfg.depth.exit_enabled:
             self.sow("intermediates", "flops_kv_only", jnp.float32(kv_only * kv_flops_per_token(cfg)))
         n_tokens = jnp.float32(x_q.shape[0] * x_q.shape[1])  # every computed slot counts, valid or not
-        x_q = x_q + attention_class(cfg)(cfg, name="attn")(h_q, q_mask, state, kv_x=kv_x).astype(x.dtype)
+        x_q = x_q + attn(h_q, q_mask, state, kv_x=kv_x).astype(x.dtype)
         h_q = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_q)
         if self.layer_index in cfg.moe_layers:
             from ling_jax.layers.moe import MoE
@@ -132,13 +145,16 @@ class Transformer(nn.Module):
         forced_exit: Optional[Int[HostArray, "B T"]] = None,
         state: Optional[TokenState] = None,
         policy: Optional[InferencePolicy] = None,
-    ) -> Float[Array, "B T V"]:
+        last_only: bool = False,
+    ) -> Float[Array, "B T V"] | Float[Array, "B 1 V"]:
         """``targets``/``loss_mask`` train the early-exit heads (``loss_exit``); ``forced_exit`` [B, T]
         replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never).
         ``state`` seeds the :class:`~ling_jax.token_state.TokenState`: the training ``step``, the
         task's ``oracle`` mask [B, T], a KV-cache ``cache_op`` with ``cache_slots``
         (:mod:`ling_jax.generate`). ``policy`` (:mod:`ling_jax.policy`) holds the call-time
-        thresholds, traced: a sweep over them compiles once (default: the config's values)."""
+        thresholds, traced: a sweep over them compiles once (default: the config's values).
+        ``last_only``: logits of the last position only ``[B, 1, V]`` (a prefill's next-token
+        prediction; with left padding that is every row's last token)."""
         # host (NumPy) batches become device arrays here; the layers take jax.Array
         tokens, positions, valid, targets, loss_mask, forced_exit = (
             None if a is None else jnp.asarray(a) for a in (tokens, positions, valid, targets, loss_mask, forced_exit))
@@ -165,8 +181,10 @@ class Transformer(nn.Module):
             x, mask, state, compaction = compact_after_block(self.config, x, mask, state, compaction)
         x, state = expand_compacted(x, state, compaction)  # pruning: compacted tokens back to [B, T, ...]
         if self.depth_layers:
+            if last_only:
+                raise ValueError("last_only=True is not supported with adaptive depth (its exit heads score every token)")
             return depth_lib.finish(self, x, full_mask, state)
-        return self.logits(x)
+        return self.logits(x[:, -1:] if last_only else x)  # [B, 1 or T, V]
 
 
 def forward_with_stats(

@@ -68,12 +68,51 @@ def _tpu_base() -> Config:
     )
 
 
+def _long() -> Config:
+    """Long context on 2 CPU cores: 8 layers, 1k-token prompts. ``experiments/long_context.py``
+    trains it short-first (256-token sequences, then 1088) and measures prompt -> prune -> continue."""
+    return Config(
+        model=ModelConfig(d_model=64, num_layers=8, num_heads=4, num_kv_heads=2, mlp_dim=192, max_seq_len=1152),
+        train=TrainConfig(batch_size=4, seq_len=1088, steps=30, learning_rate=1e-3, warmup_steps=5,
+                          checkpoint_every=10, eval_batches=2, log_every=5),
+        preset="long",
+    )
+
+
+def _long_gpu() -> Config:
+    """Long context on one GPU (e.g. H100/H200 80+ GB): ~40M params, 8k-token prompts, bf16.
+    Documented for ``experiments/long_context.py --preset long-gpu``; not run here."""
+    return Config(
+        model=ModelConfig(d_model=512, num_layers=12, num_heads=8, num_kv_heads=4, mlp_dim=1536, max_seq_len=8448,
+                          dtype="bfloat16", remat="block", attention_impl="auto"),
+        train=TrainConfig(batch_size=16, seq_len=8256, steps=4000, learning_rate=1e-3, warmup_steps=200,
+                          checkpoint_every=500, eval_batches=8, log_every=50),
+        preset="long-gpu",
+    )
+
+
+def _long_tpu() -> Config:
+    """Long context on one TPU host (v5e-8 / v4-8): ~150M params, 16k-token prompts, bf16, FSDP.
+    Documented for ``experiments/long_context.py --preset long-tpu``; not run here."""
+    return Config(
+        model=ModelConfig(d_model=1024, num_layers=16, num_heads=16, num_kv_heads=4, mlp_dim=2816, max_seq_len=16640,
+                          dtype="bfloat16", remat="block", attention_impl="auto"),
+        train=TrainConfig(batch_size=32, seq_len=16448, steps=8000, learning_rate=1e-3, warmup_steps=400,
+                          checkpoint_every=500, eval_batches=8, log_every=50),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, expert=1),
+        preset="long-tpu",
+    )
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "cpu-tiny": _cpu_tiny,
     "cpu-small": _cpu_small,
     "cpu-small-pruned": _cpu_small_pruned,
     "cpu-base": _cpu_base,
     "tpu-base": _tpu_base,
+    "long": _long,
+    "long-gpu": _long_gpu,
+    "long-tpu": _long_tpu,
 }
 
 

@@ -59,10 +59,14 @@ def train_or_load(config: Config, workdir: str | Path, *, devices: Optional[Sequ
                    {"workdir": str(workdir), "step": int(state.step), "train_seconds": seconds})
 
 
-def init_workdir(config: Config, workdir: str | Path, variables: dict) -> None:
+def init_workdir(config: Config, workdir: str | Path, variables: dict, *, allow_new: bool = False) -> None:
     """Starts a workdir from given weights: a step-0 checkpoint of ``variables`` (the model's
     whole tree, e.g. from an earlier training phase) with a fresh optimizer state, and its
-    config.json; :func:`ling_jax.train.train` then trains from them (another phase on other data)."""
+    config.json; :func:`ling_jax.train.train` then trains from them (another phase on other data).
+
+    ``allow_new``: the model may have parameters ``variables`` lacks (a retrofit: a dense model's
+    weights under a config that adds e.g. pruning scorers); those keep their fresh initialisation.
+    Every given parameter must still exist in the model with its shape."""
     from ling_jax.checkpoints import checkpoint_manager, save_checkpoint
     from ling_jax.model import Transformer
     from ling_jax.train import init_state
@@ -72,12 +76,22 @@ def init_workdir(config: Config, workdir: str | Path, variables: dict) -> None:
     if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
         raise FileExistsError(f"workdir {workdir} already holds a run; start from weights in a new workdir")
     model = Transformer(config.model)
-    state = jax.jit(lambda key: init_state(config, model, key))(jax.random.key(config.train.seed))
+    make_state = lambda key: init_state(config, model, key)  # noqa: E731
+    key = jax.random.key(config.train.seed)
     given = {"params": variables["params"], **{k: v for k, v in variables.items() if k != "params"}}
-    fresh = {"params": state.params, **state.extra}
-    if jax.tree_util.tree_structure(given) != jax.tree_util.tree_structure(fresh) or any(
-            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(given), jax.tree_util.tree_leaves(fresh))):
-        raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
+
+    def fitted(state) -> dict:
+        """``given`` checked against (and, with ``allow_new``, completed from) ``state``'s variables."""
+        fresh = {"params": state.params, **state.extra}
+        out = _overlay(fresh, given, workdir) if allow_new else given
+        if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(fresh) or any(
+                a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(fresh))):
+            raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
+        return out
+
+    fitted(jax.eval_shape(make_state, key))  # refuse a misfit before compiling anything
+    state = jax.jit(make_state)(key)
+    given = dict(fitted(state))
     state = state.replace(params=given.pop("params"), extra=given)
     manager = checkpoint_manager(workdir, config)
     try:
@@ -85,3 +99,16 @@ def init_workdir(config: Config, workdir: str | Path, variables: dict) -> None:
     finally:
         manager.close()
     write_record(workdir, config, schedule_steps=config.train.steps)
+
+
+def _overlay(fresh: dict, given: dict, workdir: Path) -> dict:
+    """``fresh`` with every leaf that ``given`` has replaced by it (paths and shapes must match)."""
+    from flax import traverse_util
+
+    flat_fresh = traverse_util.flatten_dict(fresh)
+    flat_given = traverse_util.flatten_dict(given)
+    for path, value in flat_given.items():
+        if path not in flat_fresh or flat_fresh[path].shape != value.shape:
+            raise ValueError(f"init_workdir: the given parameter {'/'.join(map(str, path))} does not fit the model "
+                             f"of this config ({workdir})")
+    return traverse_util.unflatten_dict({**flat_fresh, **flat_given})

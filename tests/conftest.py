@@ -7,6 +7,20 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the whole run: the xdist workers, the CLI and training
+# subprocesses and the notebook kernel inherit this environment, so a program compiled once (the
+# cpu-tiny train step, say, which a dozen tests and subprocesses build afresh) is loaded, not
+# recompiled, everywhere else. Made here by the first process (pytest's controller), removed when
+# it exits; a cache directory the user set is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ling_jax_test_jit_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
 # jaxtyping's import hook checks every annotated function of ling_jax and pallas_kernels at run
 # time with beartype (argument and return types, array shapes and dtypes). Installed here, before
 # any test imports either package, so CI runs the whole suite under it. LING_JAX_TYPECHECK=0 turns
@@ -36,3 +50,13 @@ def unchecked():
     jaxtyping.config.update("jaxtyping_disable", True)
     yield
     jaxtyping.config.update("jaxtyping_disable", before)
+
+
+def pytest_cmdline_main(config):
+    """``-n 2`` schedules by work stealing unless ``--dist`` is given: each worker starts on one
+    contiguous half of the suite (a module's tests, and so its compiled module-scope fixtures, stay
+    on one worker instead of being built on both) and an idle worker takes over the tail of the
+    other's queue (no worker waits while the other finishes a long tail)."""
+    args = config.invocation_params.args
+    if getattr(config.option, "dist", "no") == "load" and not any(str(a).startswith(("--dist", "-d")) for a in args):
+        config.option.dist = "worksteal"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ling_jax import cli
-from ling_jax.config import PRESETS, ConfigError, parse_overrides
+from ling_jax.config import PRESETS, ConfigError, get_preset, parse_overrides
 
 
 def _help(capsys, *argv) -> str:
@@ -59,3 +59,27 @@ def test_info_prints_human_units_and_the_mesh(capsys):
     assert cli.main(["info", "--preset", "cpu-tiny", "--mesh", "data=2,fsdp=-1", "--memory", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["devices"] == 8 and isinstance(info["peak_bytes_per_device"], int)
+
+
+def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+
+    from ling_jax.model import Transformer, init_params
+    from ling_jax.runs import init_workdir
+
+    config = dataclasses.replace(get_preset("cpu-tiny"), preset="cpu-tiny")
+    params = nn.meta.unbox(jax.jit(lambda k: init_params(Transformer(config.model), k))(jax.random.key(0)))
+    init_workdir(config, tmp_path / "wd", {"params": params})
+    argv = ["eval", "--workdir", str(tmp_path / "wd"), "--request", "40:6", "--method", "window", "--budget", "12",
+            "--requests", "2"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (out["prompt"], out["continuation"], out["method"], out["budget"]) == (40, 6, "window", 12)
+    assert out["token_reduction_computed"] > 1.0 and out["kv_fraction"] < 1.0 and out["bpb"] > 0
+    assert cli.main([*argv[:3], "--request", "40"]) != 0
+    assert "PROMPT:CONTINUATION" in capsys.readouterr().err
+    assert cli.main([*argv[:3], "--request", "40:6", "--method", "learned"]) != 0  # no scorer in this model
+    assert "model.pruning.enabled=true" in capsys.readouterr().err

@@ -24,6 +24,8 @@ How much the filler looks like evidence is a knob of every task:
 * ``filler="code"``: a contiguous window of real source bytes from the default corpus (the
   standard library's ``.py`` files, train split): letters (65..122) share ids with keys and
   UTF-8/tab/newline bytes with values and hop counts, so filler tokens look like evidence;
+* ``filler="mixed"``: each example draws one of the two (half each), for a model that should
+  read both;
 * distractors from the same vocabulary as the evidence, never queried: context pairs beyond the
   queried ones (``num_pairs > num_queries`` in MQAR), needles beyond the asked one
   (``num_needles > 1``), and the edges off the query's path in multi-hop (every graph is one
@@ -73,7 +75,7 @@ class _Example:
     oracle: list[int]
 
 
-FILLERS = ("vocab", "code")
+FILLERS = ("vocab", "code", "mixed")
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,11 +94,13 @@ def _filler(rng: np.random.Generator, n: int, kind: str = "vocab") -> np.ndarray
     tokens = rng.integers(FILLER_START, FILLER_START + FILLER_SIZE, size=n)
     if kind == "vocab":
         return tokens
+    child = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     code = _code_bytes()
     if len(code) <= n:
         raise ValueError(f"the code corpus ({len(code)} bytes) is too short for {n} filler tokens")
-    child = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     start = int(child.integers(0, len(code) - n))
+    if kind == "mixed" and child.random() < 0.5:  # mixed: half the examples each kind
+        return tokens
     return code[start : start + n].astype(np.int64)
 
 
@@ -179,7 +183,7 @@ class AssociativeRecall:
     filler_fraction: float = 0.0
     num_keys: int = 16
     num_values: int = 16
-    filler: str = "vocab"  # vocab | code (see the module docstring)
+    filler: str = "vocab"  # vocab | code | mixed (see the module docstring)
 
     def __post_init__(self) -> None:
         _check_filler(self.filler)
@@ -226,7 +230,7 @@ class NeedleRetrieval:
     depth: float | None = None
     num_keys: int = KEY_SIZE
     num_values: int = VALUE_SIZE
-    filler: str = "vocab"  # vocab | code (see the module docstring)
+    filler: str = "vocab"  # vocab | code | mixed (see the module docstring)
 
     def __post_init__(self) -> None:
         _check_filler(self.filler)
@@ -285,7 +289,7 @@ class MultiHop:
     min_hops: int = 1
     max_hops: int = 4
     filler_fraction: float = 0.0
-    filler: str = "vocab"  # vocab | code (see the module docstring)
+    filler: str = "vocab"  # vocab | code | mixed (see the module docstring)
 
     def __post_init__(self) -> None:
         _check_filler(self.filler)

@@ -313,6 +313,25 @@ class Attention(nn.Module):
             self._prefill_cache(k, v, mask, state, held)
         return self._output(out)
 
+    def received_attention(self, x: Float[Array, "B T E"], mask: AttentionMask, kind: str) -> Float[Array, "B T"]:
+        """The attention each token receives from the last queries of ``x`` under ``kind``
+        (``"h2o"``: every query, ``"tova"``: the last, ``"snapkv"``: the last window), for the
+        attention-driven pruning baselines in a cache prefill. Its query-key work goes to the
+        ledger (``flops_received_attention``): the baseline reads attention scores the pruned
+        layer then does not compute."""
+        from ling_jax.layers.pruning_baselines import observing_queries, received_attention
+
+        b, t = x.shape[:2]
+        n = observing_queries(kind, t)
+        q = self._query(x[:, t - n:], mask.q_positions[:, t - n:])  # [B, n, H, D]
+        k, _ = self._key_value(x, mask.kv_positions)  # [B, T, Hkv, D]
+        cfg = self.config
+        hd = cfg.num_heads * cfg.resolved_head_dim
+        self.sow("intermediates", "flops_received_attention",
+                 jnp.float32(b * n * (2 * cfg.d_model * hd + 2 * t * hd) + b * t * 2 * cfg.d_model * cfg.num_kv_heads * cfg.resolved_head_dim))
+        return received_attention(q, k, mask.q_positions[:, t - n:], mask.q_valid[:, t - n:], mask.kv_positions,
+                                  mask.kv_valid, kind)
+
     # ------------------------------------------------------------------------- KV cache
 
     def _slots(self, state: TokenState) -> int:

@@ -112,7 +112,10 @@ class TokenPruner(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, h: Float[Array, "B T E"], mask: AttentionMask, state: TokenState) -> tuple[AttentionMask, TokenState]:
+    def __call__(self, h: Float[Array, "B T E"], mask: AttentionMask, state: TokenState,
+                 received: Optional[Float[Array, "B T"]] = None) -> tuple[AttentionMask, TokenState]:
+        """``received``: the attention each token receives in this layer (attention-driven baselines
+        in a cache prefill, :func:`ling_jax.layers.pruning_baselines.received_attention`)."""
         cfg, pc = self.config, self.config.pruning
         cache_op = state.cache_op
         valid, positions = mask.kv_valid, mask.kv_positions
@@ -142,12 +145,16 @@ class TokenPruner(nn.Module):
             own_keep, priority = jnp.ones((b, t), bool), random_priority(positions, self.layer_index, pc.seed)
         elif pc.baseline == "window":
             own_keep, priority = jnp.ones((b, t), bool), window_priority(positions)
-        else:  # h2o / tova: the KV cache scores keys by the attention they receive
-            if cache_op != kv_cache.DECODE:
+        else:  # h2o / tova / snapkv: keys are scored by the attention they receive
+            own_keep = jnp.ones((b, t), bool)
+            if cache_op == kv_cache.DECODE:  # the KV cache updates the scores (new tokens start at 0)
+                priority = jnp.zeros((b, t), jnp.float32)
+            elif cache_op == kv_cache.PREFILL and received is not None:  # the prompt's attention, one pass
+                priority = received
+            else:
                 raise ValueError(
-                    f"baseline={pc.baseline!r} scores keys by the attention they receive while decoding; run it "
-                    "through ling_jax.generate (generate / teacher_forced_decode), not a parallel forward pass")
-            own_keep, priority = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.float32)
+                    f"baseline={pc.baseline!r} scores keys by the attention they receive: run it through a KV-cache "
+                    "prefill or decoding (ling_jax.generate, ling_jax.request_eval), not a plain forward pass")
         keep = own_keep & state.prune_keep if cascade else own_keep
         state = state.replace(prune_keep=keep, prune_priority=priority)
         mask = mask.replace(kv_keep=keep)

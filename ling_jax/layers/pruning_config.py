@@ -21,7 +21,8 @@ class PruningConfig:
     ``"budget"`` lets each query see at most ``budget`` keys: the ``num_sinks`` first tokens, its
     ``window`` most recent tokens and the highest-scoring older ones (exactly what a KV cache of
     ``budget`` slots that evicts its lowest-scoring entry holds). ``compaction`` removes pruned
-    tokens from the sequence of later layers (static capacity ``budget``). ``baseline`` swaps the
+    tokens from the sequence of later layers (static capacity ``budget``); ``compaction_start="this_layer"`` starts it inside the pruning layer
+    (after its pruner, before its attention). ``baseline`` swaps the
     learned scorer for a training-free policy at the same budget.
     """
 
@@ -42,14 +43,20 @@ class PruningConfig:
     window: int = 8  # recent tokens always visible (>= 1: a query always sees itself)
     cascade: bool = True  # a token pruned at layer l stays pruned above (keep flags AND, log-keeps add)
     compaction: bool = False  # hard mode: drop pruned tokens from the sequence of later layers
-    baseline: str = "learned"  # learned | random | window | h2o | tova | oracle
+    # next_layer: the pruning layer computes every token, later layers the kept ones; this_layer: the
+    # pruning layer already computes queries, attention output and feed-forward for the kept tokens
+    # only (every token still gives keys and values there), so a dropped token's own output comes
+    # from its state before that layer: what a server needs, which reads no dropped token's output
+    compaction_start: str = "next_layer"
+    baseline: str = "learned"  # learned | random | window | h2o | tova | snapkv | oracle
     seed: int = 0  # random baseline
 
     def __post_init__(self):
         _one_of(self, "scorer", ("linear", "lowrank"))
         _one_of(self, "mode", ("soft", "hard"))
         _one_of(self, "inference_rule", ("threshold", "budget"))
-        _one_of(self, "baseline", ("learned", "random", "window", "h2o", "tova", "oracle"))
+        _one_of(self, "compaction_start", ("next_layer", "this_layer"))
+        _one_of(self, "baseline", ("learned", "random", "window", "h2o", "tova", "snapkv", "oracle"))
         _positive(self, "scorer_rank", "budget", "window")
         _non_negative(self, "num_sinks", "regularizer_weight", "anneal_steps", "seed")
         _in_range(self, "target_keep_ratio", 0.0, 1.0, lo_open=True)
@@ -63,11 +70,10 @@ class PruningConfig:
         if self.baseline != "learned" and self.mode != "hard":
             raise ConfigError(f"PruningConfig.baseline={self.baseline!r} is a hard mask: set mode='hard' "
                               "(mode='soft' is for training the learned scorer)")
-        if self.baseline in ("random", "window", "h2o", "tova") and self.inference_rule != "budget":
+        if self.baseline in ("random", "window", "h2o", "tova", "snapkv") and self.inference_rule != "budget":
             raise ConfigError(f"PruningConfig.baseline={self.baseline!r} ranks keys under a budget: set "
                               "inference_rule='budget' (threshold works for 'learned' and 'oracle')")
         if self.compaction and self.mode != "hard":
             raise ConfigError("PruningConfig.compaction needs mode='hard' (soft masks prune nothing)")
-        if self.compaction and self.baseline in ("h2o", "tova"):
-            raise ConfigError(f"PruningConfig.compaction cannot be used with baseline={self.baseline!r}: "
-                              "its scores come from attention during decoding (ling_jax.generate)")
+        if self.compaction_start == "this_layer" and not self.compaction:
+            raise ConfigError("PruningConfig.compaction_start='this_layer' needs compaction=true")

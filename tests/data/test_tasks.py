@@ -298,6 +298,15 @@ def test_code_filler_is_real_source_bytes_around_the_same_evidence(name, options
     assert keys_in_filler.any()
 
 
+def test_mixed_filler_draws_each_example_from_one_of_the_two():
+    kw = dict(seed=4, step=1, batch_size=16, seq_len=64)
+    rows = [make_batch(make_task("needle", num_needles=2, filler=f), **kw).inputs for f in ("vocab", "code", "mixed")]
+    vocab, code, mixed = rows
+    is_vocab = np.all(mixed == vocab, axis=1)
+    is_code = np.all(mixed == code, axis=1)
+    assert np.all(is_vocab | is_code) and is_vocab.any() and is_code.any()
+
+
 def test_unknown_filler_is_refused_with_the_allowed_values():
-    with pytest.raises(ValueError, match=r"filler must be one of \('vocab', 'code'\)"):
+    with pytest.raises(ValueError, match=r"filler must be one of \('vocab', 'code', 'mixed'\)"):
         make_task("mqar", filler="noise")

@@ -385,7 +385,7 @@ def test_transformer_train_step_updates_the_bias():
         "model.moe.num_shared_experts": "1", "model.moe.num_zero_experts": "1", "model.moe.jitter": "0.1",
         "model.moe.expert_dim": "64", "model.moe.layers": "1", "train.batch_size": "2", "train.seq_len": "16"})
     model = Transformer(cfg.model)
-    state = init_state(cfg, model, jax.random.key(0))
+    state = jax.jit(lambda k: init_state(cfg, model, k))(jax.random.key(0))  # one compile, not eager MoE dispatch
     assert set(state.extra) == {"moe_bias"}
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((2, 16), jnp.float32)}

@@ -104,7 +104,7 @@ def test_unknown_scorer_kind_fails():
     (dict(baseline="h2o"), r"is a hard mask: set mode='hard'"),
     (dict(mode="hard", baseline="window"), r"set inference_rule='budget'"),
     (dict(mode="soft", compaction=True), r"compaction needs mode='hard'"),
-    (dict(mode="hard", inference_rule="budget", baseline="tova", compaction=True), r"cannot be used with baseline='tova'"),
+    (dict(mode="hard", inference_rule="threshold", baseline="snapkv"), r"set inference_rule='budget'"),
     (dict(window=0), r"window must be a positive integer"),
     (dict(final_temperature=0.0), r"final_temperature must be > 0"),
     (dict(baseline="lru"), r"baseline must be one of"),
@@ -360,7 +360,7 @@ def test_h2o_and_tova_evict_by_the_attention_keys_received():
 
 
 def test_attention_policies_refuse_the_parallel_forward(params, tokens):
-    with pytest.raises(ValueError, match=r"baseline='h2o' scores keys by the attention they receive while decoding"):
+    with pytest.raises(ValueError, match=r"baseline=.h2o. scores keys by the attention they receive: run it through a KV-cache prefill"):
         apply_fn(make(**BUDGET, baseline="h2o"))(params, tokens)
     with pytest.raises(ValueError, match=r"baseline='oracle' needs the task's oracle mask"):
         apply_fn(make(**BUDGET, baseline="oracle"))(params, tokens)
