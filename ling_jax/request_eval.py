@@ -118,8 +118,8 @@ def run_request(config: ModelConfig, params, prompt: Int[HostArray, "B P"], cont
                          prefill_terms=pre_ledger.by_term(), continuation_terms=step_ledger.by_term())
 
 
-def continuation_nll(logits: Float[Array, "B C V"], continuation: Int[Array, "B C"],
-                     mask: Optional[Float[Array, "B C"]] = None) -> Float[Array, ""]:
+def continuation_nll(logits: Float[Array, "B C V"], continuation: Int[HostArray, "B C"],
+                     mask: Optional[Float[HostArray, "B C"]] = None) -> Float[Array, ""]:
     """Mean negative log-likelihood (nats) of the continuation tokens under ``logits``."""
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), continuation)  # [B, C]
     mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
