@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.array_types import HostArray
 from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.layers import kv_cache
 from ling_jax.layers.pruning_baselines import ATTENTION_POLICIES
@@ -67,7 +68,7 @@ def decoding_model(config: ModelConfig) -> Transformer:
     return Transformer(dataclasses.replace(config, remat="none"))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int | np.integer]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Prompts of different lengths -> (tokens [B, T], valid [B, T]), right-aligned."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("left_pad needs at least one prompt and every prompt needs at least one token")
@@ -155,8 +156,8 @@ def _teacher_forced(config, params, tokens, valid, oracle, slots):
     return _scan_tokens(model, params, cache, tokens, positions_of(valid), valid, oracle)[0]
 
 
-def teacher_forced_decode(config: ModelConfig, params, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None,
-                          *, oracle: Optional[Bool[Array, "B T"]] = None) -> Float[Array, "B T V"]:
+def teacher_forced_decode(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None,
+                          *, oracle: Optional[Bool[HostArray, "B T"]] = None) -> Float[Array, "B T V"]:
     """Logits at every position, computed by decoding the sequence token by token through the
     (pruned) KV cache: each prediction sees exactly what the cache holds at that point."""
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
@@ -193,9 +194,9 @@ def _generate(config, params, tokens, valid, oracle, rng, max_new_tokens, sampli
     return out.T, jnp.swapaxes(out_logits, 0, 1), cache
 
 
-def generate(config: ModelConfig, params, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None, *,
+def generate(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None, *,
              max_new_tokens: int, sampling: Sampling = Sampling(), rng: Optional[jax.Array] = None,
-             oracle: Optional[Bool[Array, "B T"]] = None, eos_id: Optional[int] = None) -> Generation:
+             oracle: Optional[Bool[HostArray, "B T"]] = None, eos_id: Optional[int] = None) -> Generation:
     """Generates ``max_new_tokens`` per row after left-padded prompts (see :func:`left_pad`).
 
     ``params`` are the model parameters (unboxed or boxed); ``oracle`` is the oracle mask of the

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.array_types import HostArray
 from ling_jax.config import ConfigError, ModelConfig
 from ling_jax.ledger import kv_flops_per_token
 from ling_jax.layers.attention import AttentionMask
@@ -136,16 +137,16 @@ class Transformer(nn.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "B T"],
-        positions: Optional[Int[Array, "B T"]] = None,
-        valid: Optional[Bool[Array, "B T"]] = None,
-        targets: Optional[Int[Array, "B T"]] = None,
-        loss_mask: Optional[Float[Array, "B T"]] = None,
-        forced_exit: Optional[Int[Array, "B T"]] = None,
+        tokens: Int[HostArray, "B T"],
+        positions: Optional[Int[HostArray, "B T"]] = None,
+        valid: Optional[Bool[HostArray, "B T"]] = None,
+        targets: Optional[Int[HostArray, "B T"]] = None,
+        loss_mask: Optional[Float[HostArray, "B T"]] = None,
+        forced_exit: Optional[Int[HostArray, "B T"]] = None,
         state: Optional[TokenState] = None,
         policy: Optional[InferencePolicy] = None,
         last_only: bool = False,
-    ) -> Float[Array, "B T V"]:
+    ) -> Float[Array, "B T V"] | Float[Array, "B 1 V"]:
         """``targets``/``loss_mask`` train the early-exit heads (``loss_exit``); ``forced_exit`` [B, T]
         replaces the exit rule in inference (exit after that layer; ``num_layers - 1``: never).
         ``state`` seeds the :class:`~ling_jax.token_state.TokenState`: the training ``step``, the
@@ -154,6 +155,9 @@ class Transformer(nn.Module):
         thresholds, traced: a sweep over them compiles once (default: the config's values).
         ``last_only``: logits of the last position only ``[B, 1, V]`` (a prefill's next-token
         prediction; with left padding that is every row's last token)."""
+        # host (NumPy) batches become device arrays here; the layers take jax.Array
+        tokens, positions, valid, targets, loss_mask, forced_exit = (
+            None if a is None else jnp.asarray(a) for a in (tokens, positions, valid, targets, loss_mask, forced_exit))
         b, t = tokens.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} is larger than the model supports (max_seq_len={self.config.max_seq_len})")

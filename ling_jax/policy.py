@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Optional, Union
 
 import flax.struct
@@ -26,6 +27,10 @@ from ling_jax.config import ConfigError, DepthConfig, ModelConfig, PruningConfig
 Scalar = Union[float, Float[Array, ""]]
 
 
+# A pytree container: JAX rebuilds it through __init__ with whatever leaves a transformation
+# produces (ShapeDtypeStructs under eval_shape, shardings), so the field annotations describe the
+# values a forward pass sees and cannot be checked at construction.
+@typing.no_type_check
 @flax.struct.dataclass
 class InferencePolicy:
     """Traced thresholds for one forward pass (see the module docstring)."""

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from ling_jax.array_types import HostArray
 from ling_jax.config import ConfigError, ModelConfig, PruningConfig
 from ling_jax.generate import decoding_model, positions_of
 from ling_jax.layers import kv_cache
@@ -88,8 +89,8 @@ def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, or
     return logits, cache, _sum_leaves(prefill_stats), _sum_leaves(step_stats)
 
 
-def run_request(config: ModelConfig, params, prompt: Int[Array, "B P"], continuation: Int[Array, "B C"], *,
-                prompt_valid: Optional[Bool[Array, "B P"]] = None, oracle: Optional[Bool[Array, "B P"]] = None,
+def run_request(config: ModelConfig, params, prompt: Int[HostArray, "B P"], continuation: Int[HostArray, "B C"], *,
+                prompt_valid: Optional[Bool[HostArray, "B P"]] = None, oracle: Optional[Bool[HostArray, "B P"]] = None,
                 policy: Optional[InferencePolicy] = None) -> RequestResult:
     """Prefills ``prompt`` (left-padded where ``prompt_valid`` is False) with ``config``'s
     mechanisms, then teacher-forces ``continuation`` through the cache (see the module docstring).
@@ -117,8 +118,8 @@ def run_request(config: ModelConfig, params, prompt: Int[Array, "B P"], continua
                          prefill_terms=pre_ledger.by_term(), continuation_terms=step_ledger.by_term())
 
 
-def continuation_nll(logits: Float[Array, "B C V"], continuation: Int[Array, "B C"],
-                     mask: Optional[Float[Array, "B C"]] = None) -> Float[Array, ""]:
+def continuation_nll(logits: Float[Array, "B C V"], continuation: Int[HostArray, "B C"],
+                     mask: Optional[Float[HostArray, "B C"]] = None) -> Float[Array, ""]:
     """Mean negative log-likelihood (nats) of the continuation tokens under ``logits``."""
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), continuation)  # [B, C]
     mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)

@@ -7,6 +7,7 @@ in a cycle. Re-exported by :mod:`ling_jax.train`.
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,6 +26,10 @@ from ling_jax.model import Transformer
 STATE_COLLECTIONS = (BIAS_COLLECTION,)
 
 
+# A pytree container: JAX rebuilds it through __init__ with whatever leaves a transformation
+# produces (ShapeDtypeStructs under eval_shape, shardings, per-leaf tuples from tree_map), so its
+# field annotations describe the concrete state and cannot be checked at construction.
+@typing.no_type_check
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array

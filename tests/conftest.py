@@ -21,17 +21,35 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-# LING_JAX_TYPECHECK=1: jaxtyping's import hook checks every annotated function of ling_jax at run
+# jaxtyping's import hook checks every annotated function of ling_jax and pallas_kernels at run
 # time with beartype (argument and return types, array shapes and dtypes). Installed here, before
-# any test imports ling_jax. Opt-in until the whole suite passes under it (see README).
-if os.environ.get("LING_JAX_TYPECHECK") == "1":
+# any test imports either package, so CI runs the whole suite under it. LING_JAX_TYPECHECK=0 turns
+# it off (for debugging a failure without the checker in the traceback).
+if os.environ.get("LING_JAX_TYPECHECK", "1") != "0":
     from jaxtyping import install_import_hook
 
-    install_import_hook("ling_jax", "beartype.beartype")
+    # is_pep484_tower: an int is accepted where a float is annotated (PEP 484's numeric tower, as
+    # static checkers do); beartype is stricter by default.
+    install_import_hook(("ling_jax", "pallas_kernels"),
+                        "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def unchecked():
+    """Switches the run-time type checker off for one test: for tests of the library's own input
+    validation (the errors a user without the checker sees), whose bad shapes the checker would
+    refuse first."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def pytest_cmdline_main(config):

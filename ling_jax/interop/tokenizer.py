@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+from jaxtyping import UInt8
 
 from ling_jax.interop.hf_config import InteropError
 
@@ -42,9 +43,10 @@ class Tokenizer:
         the text's byte length: the gap before a token is counted with it)."""
         return self._encode_chunks([text])
 
-    def encode_bytes(self, data: bytes, *, with_bytes: bool = True, chunk: int = 1 << 20):
+    def encode_bytes(self, data: bytes | UInt8[np.ndarray, " n"], *, with_bytes: bool = True, chunk: int = 1 << 20):
         """:meth:`encode_with_bytes` of a UTF-8 corpus (invalid bytes replaced), encoded in ~1 MB
-        chunks cut at line ends (in parallel by the tokenizers library); ``with_bytes=False``
+        chunks cut at line ends (in parallel by the tokenizers library); ``data`` is bytes or a uint8
+        array (a corpus split); ``with_bytes=False``
         returns the ids alone (faster: no offsets)."""
         text = bytes(data).decode("utf-8", errors="replace")
         chunks, start = [], 0

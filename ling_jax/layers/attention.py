@@ -111,14 +111,14 @@ def resolve_impl(impl: str) -> str:
 def reference_attention(
     q: Float[Array, "B Tq H D"],
     k: Float[Array, "B Tk Hkv D"],
-    v: Float[Array, "B Tk Hkv D"],
+    v: Float[Array, "B Tk Hkv Dv"],
     mask: Bool[Array, "B Tq Tk"],
     bias: Optional[Float[Array, "B Tq Tk"]] = None,
-) -> Float[Array, "B Tq H D"]:
+) -> Float[Array, "B Tq H Dv"]:
     """Plain-jnp ground truth: repeat KV heads, float32 softmax, fully masked rows give zeros."""
     group = q.shape[2] // k.shape[2]
     k = jnp.repeat(k, group, axis=2)  # [B, Tk, H, D]
-    v = jnp.repeat(v, group, axis=2)
+    v = jnp.repeat(v, group, axis=2)  # [B, Tk, H, Dv]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
     if bias is not None:
         logits = logits + bias[:, None]
@@ -130,10 +130,10 @@ def reference_attention(
 def xla_attention(
     q: Float[Array, "B Tq H D"],
     k: Float[Array, "B Tk Hkv D"],
-    v: Float[Array, "B Tk Hkv D"],
+    v: Float[Array, "B Tk Hkv Dv"],
     mask: Bool[Array, "B Tq Tk"],
     bias: Optional[Float[Array, "B Tq Tk"]] = None,
-) -> Float[Array, "B Tq H D"]:
+) -> Float[Array, "B Tq H Dv"]:
     """Fast XLA path: head-major ``[B, H, Tq, Tk]`` logits with the KV heads repeated per group.
 
     On CPU this layout is ~1.5x faster forward + backward than grouped 5-D einsums
@@ -154,7 +154,7 @@ def xla_attention(
     denom = jnp.sum(p, axis=-1, keepdims=True)
     row_any = jnp.any(mask, axis=-1)[:, None, :, None]  # [B, 1, Tq, 1]
     p = jnp.where(row_any, p / denom, 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)  # [B, Tq, H, D]
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)  # [B, Tq, H, Dv]
 
 
 def dpa_attention(
@@ -177,11 +177,11 @@ def dpa_attention(
 def attend(
     q: Float[Array, "B Tq H D"],
     k: Float[Array, "B Tk Hkv D"],
-    v: Float[Array, "B Tk Hkv D"],
+    v: Float[Array, "B Tk Hkv Dv"],
     mask: AttentionMask,
     *,
     impl: str = "auto",
-) -> Float[Array, "B Tq H D"]:
+) -> Float[Array, "B Tq H Dv"]:
     """Masked attention through the chosen implementation."""
     requested, impl = impl, resolve_impl(impl)
     if requested == "auto" and impl == "pallas" and (mask.kv_log_keep is not None or mask.kv_expire is not None):

@@ -74,7 +74,8 @@ class MoE(nn.Module):
         w_down = param_with_axes(self, "w_down", dense_init(f), (num_x, f, e), ("expert", "mlp", "embed"))
         bias = None
         if m.has_routing_bias:  # aux-loss-free balancing, or a checkpoint's correction bias (rate 0)
-            bias = self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (num_c,), jnp.float32).value
+            # asarray: an imported checkpoint's bias may be a host (NumPy) array
+            bias = jnp.asarray(self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (num_c,), jnp.float32).value)
 
         xf = x.reshape(n, e)  # [N, E]
         xr = xf.astype(jnp.float32)

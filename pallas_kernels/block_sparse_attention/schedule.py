@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,10 @@ from pallas_kernels.block_sparse_attention.common import encode_tokens, pair_vis
 from pallas_kernels.block_sparse_attention.reference import split_segment_ids
 
 
+# A pytree container: JAX rebuilds it through __init__ with placeholder leaves (object() sentinels
+# inside pallas_call and custom_vjp, ShapeDtypeStructs under eval_shape), so its field annotations
+# describe the concrete schedule and cannot be checked at construction.
+@typing.no_type_check
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["kv_index", "kv_full", "kv_count", "q_index", "q_full", "q_count"],

@@ -46,7 +46,7 @@ def gmm_tpu(
     tiling: tuple[int, int, int],
     transpose_rhs: bool,
     out_dtype,
-    group_offset: Int[Array, ""],
+    group_offset: Int[Array, ""] | int,
     interpret,
     static_grid: bool = False,
 ) -> Float[Array, "m n"]:
@@ -141,7 +141,7 @@ def tgmm_tpu(
     *,
     tiling: tuple[int, int, int],
     out_dtype,
-    group_offset: Int[Array, ""],
+    group_offset: Int[Array, ""] | int,
     num_local_groups: int,
     interpret,
     static_grid: bool = False,

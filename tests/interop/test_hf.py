@@ -11,6 +11,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,8 +78,8 @@ def test_deepseek_v3_mla_layer_matches_transformers(family):
     """One MLA layer alone (input and output saved from the Hugging Face model) at the float32
     forward tolerance; with the YaRN softmax mscale or the rotary layout wrong it does not match."""
     cfg, variables, hf_cfg = load_hf(FIXTURES / family)
-    x, want = np.load(FIXTURES / family / "attn_in.npy"), np.load(FIXTURES / family / "attn_out.npy")
-    positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape[:2])
+    x, want = jnp.asarray(np.load(FIXTURES / family / "attn_in.npy")), np.load(FIXTURES / family / "attn_out.npy")
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # layers take jax.Array
 
     def attn(cfg, params):
         return np.asarray(MLA(cfg).apply({"params": params}, x, AttentionMask.causal_self(positions)))
@@ -114,7 +115,7 @@ def test_deepseek_v3_routing_matches():
                       num_kv_heads=4, mlp_dim=mlp_dim, moe=dataclasses.replace(moe, dispatch="sorted"))
     variables = map_tensors(moe_rules(cfg, "deepseek_v3", "model.layers.1.mlp", ()), read_tensors(path))
     assert np.any(variables["moe_bias"]["bias"] != 0)  # the checkpoint's correction bias, at bias_update_rate 0
-    x, want = np.load(path / "moe_in.npy"), np.load(path / "moe_out.npy")
+    x, want = jnp.asarray(np.load(path / "moe_in.npy")), np.load(path / "moe_out.npy")  # layers take jax.Array
     got = MoE(cfg).apply(variables, x)  # numpy params, unjitted, sorted dispatch
     assert_close(got, want, dtype=np.float32, kind="external")
     no_bias = MoE(cfg).apply({**variables, "moe_bias": {"bias": np.zeros(8, np.float32)}}, x)

@@ -203,7 +203,7 @@ def test_lowest_threshold_exits_everything_at_the_first_exit(params, tokens):
     # The exit logits come from layer 0's exit head: the shared head on its own norm.
     model = Transformer(cfg)
     x0 = model.apply({"params": params}, tokens, method=lambda m, t: m.blocks[0](
-        m.embed(t), AttentionMask.causal_self(jnp.broadcast_to(jnp.arange(T), t.shape)), {})[0])
+        m.embed(t), AttentionMask.causal_self(jnp.broadcast_to(jnp.arange(T), t.shape)), TokenState())[0])
     h = RMSNorm(BASE.norm_eps).apply({"params": params["block_0_depth"]["exit_norm"]}, x0)
     assert_close(logits, h @ params["head"])
     # Nothing is live after layer 0: block 1 runs the zero bucket (no query, and with no cache

@@ -73,10 +73,11 @@ def test_qk_norm_matches_numpy_formula():
     """head: normalise each head's D values; full: normalise all H*D values of a token together."""
     from ling_jax.layers.attention import QKNorm
 
-    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 5, 4, 8)) * 3.0)
+    x_dev = jax.random.normal(jax.random.key(3), (2, 5, 4, 8)) * 3.0  # layers take jax.Array
+    x = np.asarray(x_dev)
     scale_h, scale_f = np.linspace(0.5, 1.5, 8), np.linspace(0.5, 1.5, 32).reshape(4, 8)
-    got_h = QKNorm(1e-6).apply({"params": {"scale": scale_h}}, x)
-    got_f = QKNorm(1e-6, full=True).apply({"params": {"scale": scale_f}}, x)
+    got_h = QKNorm(1e-6).apply({"params": {"scale": scale_h}}, x_dev)
+    got_f = QKNorm(1e-6, full=True).apply({"params": {"scale": scale_f}}, x_dev)
     want_h = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale_h
     flat = x.reshape(2, 5, 32)
     want_f = (flat / np.sqrt(np.mean(flat**2, axis=-1, keepdims=True) + 1e-6)).reshape(x.shape) * scale_f
@@ -214,4 +215,4 @@ def test_numpy_params_unjitted_apply(impl):
     layer = _moe(MOE_BASE, dispatch=impl)
     params = _perturb(layer.init(jax.random.key(0), X_IN)["params"])
     np_params = jax.tree_util.tree_map(np.asarray, params)
-    assert_close(layer.apply({"params": np_params}, np.asarray(X_IN)), layer.apply({"params": params}, X_IN))
+    assert_close(layer.apply({"params": np_params}, X_IN), layer.apply({"params": params}, X_IN))

@@ -301,6 +301,7 @@ _Q, _K = (2, 24, 4, 8), (2, 24, 2, 8)
         (_Q, _K, dict(impl="pallas_gpu", interpret=False, block_q=16, block_k=16), "head_dim must be a power of two"),
     ],
 )
+@pytest.mark.usefixtures("unchecked")  # the kernel's own messages, which the type checker would pre-empt
 def test_bad_input_raises(q_shape, k_shape, kw, match):
     q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
     with pytest.raises(ValueError, match=match):

@@ -356,6 +356,7 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
+@pytest.mark.usefixtures("unchecked")  # the kernel's own messages, which the type checker would pre-empt
 def test_bad_input_raises(case):
     fn, match = _bad_cases()[case]
     with pytest.raises(ValueError, match=match):
