@@ -60,6 +60,7 @@ NAME = "long_context"
 LEVELS = {"needle": ("vocab", "code", "distractors"), "code": ("source",)}
 HEURISTICS = ("window", "h2o", "tova", "snapkv", "random")
 WITHIN = 0.02  # "within 2% of the dense model's quality"
+SCORER_LR_SCALE = 30.0  # retrofit: Adam moves a weight ~lr per step; a fresh scorer must move by O(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def train_config(s: LongSizes, task: str, seed: int, phase: int | str, pruned: b
 
     length, batch, steps = s.retrofit if phase == "retrofit" else s.phases[task][phase]
     length = length or request_len(s, task)
-    first = phase in (0, "retrofit")  # the full learning rate: a new phase of learning
+    first = phase == 0
     flat: dict[str, Any] = {f"model.{k}": v for k, v in s.model.items()}
     flat.update({"model.max_seq_len": max(request_len(s, task), s.model.get("max_seq_len", 0)),
                  "train.seq_len": length, "train.batch_size": batch, "train.steps": steps, "train.seed": seed,
@@ -146,6 +147,8 @@ def train_config(s: LongSizes, task: str, seed: int, phase: int | str, pruned: b
                  "data.task": "needle" if task == "needle" else "text",
                  "data.task_options": f"num_needles={s.needles},num_keys={s.keys},num_values={s.keys},filler=mixed"
                  if task == "needle" else ""})
+    if phase == "retrofit":  # the new scorers learn at SCORER_LR_SCALE x the rate of the weights under them
+        flat["train.scorer_lr_scale"] = SCORER_LR_SCALE
     if pruned:
         flat.update({"model.pruning.enabled": True, "model.pruning.layers": "0", "model.pruning.mode": "soft",
                      "model.pruning.target_keep_ratio": s.keep_ratio, "model.pruning.num_sinks": s.num_sinks,

@@ -227,8 +227,12 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # learning rate of the pruning scorers / the rest: new small modules on a trained model (a
+    # retrofit) need larger steps than the weights they sit on (Adam moves a weight ~lr per step)
+    scorer_lr_scale: float = 1.0
 
     def __post_init__(self):
+        _positive_float(self, "scorer_lr_scale")
         _positive(self, "batch_size", "seq_len", "steps", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
         _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "seed")
         _in_range(self, "min_lr_ratio", 0.0, 1.0)

@@ -7,6 +7,7 @@ in a cycle. Re-exported by :mod:`ling_jax.train`.
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any, Optional
 
@@ -50,7 +51,15 @@ def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=0.9, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
     )
+    if t.scorer_lr_scale != 1.0:  # (only then: the optimizer state of every other run keeps its structure)
+        tx = optax.chain(tx, optax.stateless(functools.partial(_scale_scorers, t.scorer_lr_scale)))
     return tx, schedule
+
+
+def _scale_scorers(scale: float, updates, params=None):
+    """Multiplies the updates of the pruning scorers' parameters (under a ``pruner`` module) by ``scale``."""
+    in_pruner = lambda path: any(getattr(k, "key", None) == "pruner" for k in path)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * scale if in_pruner(path) else u, updates)
 
 
 def init_state(config: Config, model: Transformer, rng: jax.Array, *, unbox: bool = True) -> TrainState:
