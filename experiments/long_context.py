@@ -295,7 +295,8 @@ def summarize(records: Sequence[Mapping], s: LongSizes) -> dict:
                 o1 = [a for a in agg if a["method"] == "oracle@1" and a["budget"] == floor]
                 row["oracle_ceiling"] = {"budget": floor, "trf_computed": o["trf_computed_mean"],
                                          "rel_loss": o["rel_loss_mean"],
-                                         "trf_computed_at_layer1": o1[0]["trf_computed_mean"] if o1 else None}
+                                         "trf_computed_at_layer1": o1[0]["trf_computed_mean"] if o1 else None,
+                                         "work": _work_shares(rs, "oracle", floor)}
             row["advantage"] = _advantage(rs, task)
             lead = row["best_learned"] or max((a for a in agg if a["method"] == "learned"),
                                               key=lambda a: a["trf_computed_mean"], default=None)
@@ -307,6 +308,11 @@ def summarize(records: Sequence[Mapping], s: LongSizes) -> dict:
     out["headline_trf_within_2pct"] = top["best_learned"]["trf_computed_mean"] if top else 1.0
     out["headline_level"] = f"{top['task']}/{top['level']}" if top else None
     out["target_10x_met"] = bool(top and top["best_learned"]["trf_computed_mean"] >= 10.0)
+    ceilings = [lv["oracle_ceiling"] for lv in out["levels"] if lv.get("oracle_ceiling")]
+    # the oracle at the evidence's budget within 2% at 10x or more: the ledger leaves room for the target
+    out["ceiling_allows_10x"] = bool(ceilings) and all(c["trf_computed"] >= 10.0 and c["rel_loss"] <= WITHIN
+                                                      for c in ceilings)
+    out["min_oracle_ceiling"] = min((c["trf_computed"] for c in ceilings), default=None)
     return out
 
 

@@ -466,6 +466,8 @@ def required_files(readme: str, results: Path, preset: str = "cpu") -> set[str]:
     for name in SCRIPTS:
         names |= {f"{preset}/{name}{suffix}" for suffix in (".jsonl", ".meta.json", ".csv", "_summary.csv")}
     names |= {f"{preset}/pictures/{p.name}" for p in (results / preset / "pictures").glob("*.json")}
+    if B.current_block(readme, "long_context") is not None:  # experiments/long_context.py --preset long
+        names |= {f"long/long_context{suffix}" for suffix in (".jsonl", ".csv", ".meta.json", ".summary.json")}
     return names
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from experiments import long_context as L
 
+pytestmark = pytest.mark.slow  # an end-to-end run (still in CI; `-m "not slow"` skips it)
+
 METHODS = "learned,oracle,oracle@1"
 
 

@@ -33,7 +33,9 @@ def _results_copy(tmp_path: Path, drop: str = "") -> Path:
 
 
 def _on_disk() -> set[str]:
-    return {p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*") if p.is_file()}
+    # runs/ holds the experiments' training workdirs and compile cache (git-ignored, never committed)
+    return {p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*") if p.is_file()
+            and p.relative_to(RESULTS).parts[0] != "runs"}
 
 
 def test_the_readme_is_what_the_results_files_say():
