@@ -10,11 +10,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from ling_jax.config import Config, ModelConfig
+from ling_jax.config import Config, ConfigError, ModelConfig
 
 
 @dataclasses.dataclass
@@ -83,7 +85,7 @@ def init_workdir(config: Config, workdir: str | Path, variables: dict, *, allow_
     def fitted(state) -> dict:
         """``given`` checked against (and, with ``allow_new``, completed from) ``state``'s variables."""
         fresh = {"params": state.params, **state.extra}
-        out = _overlay(fresh, given, workdir) if allow_new else given
+        out = merge_weights(fresh, given) if allow_new else given
         if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(fresh) or any(
                 a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(fresh))):
             raise ValueError(f"init_workdir: the given variables do not fit the model of this config ({workdir})")
@@ -101,14 +103,23 @@ def init_workdir(config: Config, workdir: str | Path, variables: dict, *, allow_
     write_record(workdir, config, schedule_steps=config.train.steps)
 
 
-def _overlay(fresh: dict, given: dict, workdir: Path) -> dict:
-    """``fresh`` with every leaf that ``given`` has replaced by it (paths and shapes must match)."""
-    from flax import traverse_util
-
-    flat_fresh = traverse_util.flatten_dict(fresh)
-    flat_given = traverse_util.flatten_dict(given)
-    for path, value in flat_given.items():
-        if path not in flat_fresh or flat_fresh[path].shape != value.shape:
-            raise ValueError(f"init_workdir: the given parameter {'/'.join(map(str, path))} does not fit the model "
-                             f"of this config ({workdir})")
-    return traverse_util.unflatten_dict({**flat_fresh, **flat_given})
+def merge_weights(target, given, where: str = ""):
+    """``target`` (a fresh variable tree) with every leaf of ``given`` put in, cast to the target's
+    dtype; each given leaf must exist in ``target`` with the same shape (leaves ``given`` lacks keep
+    their fresh values). Used by retrofits (:func:`init_workdir`) and checkpoint imports
+    (:mod:`ling_jax.interop.convert`)."""
+    if isinstance(given, Mapping):
+        if not isinstance(target, Mapping):
+            raise ConfigError(f"the given weights have a subtree at {where or '/'} where the model has a leaf")
+        out = dict(target)
+        for key, value in given.items():
+            if key not in target:
+                raise ConfigError(f"the given weight {where}/{key} has no place in this model config "
+                                  "(an override changed the architecture?)")
+            out[key] = merge_weights(target[key], value, f"{where}/{key}")
+        return out
+    if np.shape(target) != np.shape(given):
+        raise ConfigError(f"the given weight {where} has shape {np.shape(given)}, the model config needs "
+                          f"{np.shape(target)} (an override changed the architecture?)")
+    dtype = target.dtype if hasattr(target, "dtype") else np.asarray(target).dtype  # (a ShapeDtypeStruct too)
+    return jnp.asarray(given, dtype)

@@ -40,8 +40,8 @@ def test_a_retrofit_keeps_every_given_weight_and_initialises_the_new_ones(dense_
 def test_a_given_weight_the_model_lacks_or_misshapes_is_refused(dense_params, tmp_path):
     flat = traverse_util.flatten_dict(dense_params)
     wrong = {**flat, next(iter(flat)): np.zeros((3, 3), np.float32)}
-    with pytest.raises(ValueError, match=r"the given parameter .* does not fit"):
+    with pytest.raises(ValueError, match=r"the given weight .* has shape \(3, 3\)"):
         init_workdir(PRUNED, tmp_path / "a", {"params": traverse_util.unflatten_dict(wrong)}, allow_new=True)
     extra = {**flat, ("block_0", "ghost"): np.zeros((2,), np.float32)}
-    with pytest.raises(ValueError, match=r"block_0/ghost does not fit"):
+    with pytest.raises(ValueError, match=r"block_0/ghost has no place in this model config"):
         init_workdir(PRUNED, tmp_path / "b", {"params": traverse_util.unflatten_dict(extra)}, allow_new=True)

@@ -15,7 +15,6 @@ import shutil
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
 
 from ling_jax.config import Config, DataConfig, TrainConfig, apply_overrides
 from ling_jax.interop.hf import load_hf
@@ -32,25 +31,6 @@ def default_config(model_cfg, model_type: str, tokenizer: str = "") -> Config:
     return Config(model=model_cfg, train=train, data=DataConfig(tokenizer=tokenizer), preset=f"hf:{model_type}")
 
 
-def _merge(target, imported, where: str = ""):
-    """``target`` (a fresh state tree) with every leaf of ``imported`` put in; each imported leaf
-    must exist in ``target`` with the same shape."""
-    if isinstance(imported, Mapping):
-        if not isinstance(target, Mapping):
-            raise InteropError(f"imported weights have a subtree at {where or '/'} where the model has a leaf")
-        out = dict(target)
-        for key, value in imported.items():
-            if key not in target:
-                raise InteropError(f"imported weight {where}/{key} has no place in this model config "
-                                   "(an override changed the architecture?)")
-            out[key] = _merge(target[key], value, f"{where}/{key}")
-        return out
-    if np.shape(target) != np.shape(imported):
-        raise InteropError(f"imported weight {where} has shape {np.shape(imported)}, the model config needs "
-                           f"{np.shape(target)} (an override changed the architecture?)")
-    return jax.numpy.asarray(imported, jax.numpy.asarray(target).dtype)
-
-
 def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: Mapping[str, str] | Sequence[str] = (),
             *, tokenizer: str | None = None) -> Config:
     """Imports ``hf_dir`` and writes the workdir; returns the run's Config."""
@@ -58,6 +38,7 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
     from ling_jax.interop.tokenizer import Tokenizer
     from ling_jax.model import Transformer
     from ling_jax.checkpoints import checkpoint_manager, save_checkpoint
+    from ling_jax.runs import merge_weights
     from ling_jax.train import init_state
     from ling_jax.workdir import write_record
 
@@ -79,8 +60,8 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
         Tokenizer(config.data.tokenizer).check_vocab(config.model.vocab_size)
     model = Transformer(config.model)
     state = init_state(config, model, jax.random.key(config.train.seed))
-    params = _merge(state.params, variables["params"])
-    extra = _merge(state.extra, {k: v for k, v in variables.items() if k != "params"})
+    params = merge_weights(state.params, variables["params"])
+    extra = merge_weights(state.extra, {k: v for k, v in variables.items() if k != "params"})
     state = state.replace(params=params, extra=extra)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint_manager(workdir, config)
