@@ -36,11 +36,7 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
     """Imports ``hf_dir`` and writes the workdir; returns the run's Config."""
 
     from ling_jax.interop.tokenizer import Tokenizer
-    from ling_jax.model import Transformer
-    from ling_jax.checkpoints import checkpoint_manager, save_checkpoint
-    from ling_jax.runs import merge_weights
-    from ling_jax.train import init_state
-    from ling_jax.workdir import write_record
+    from ling_jax.runs import init_workdir
 
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
     model_cfg, variables, hf_cfg = load_hf(hf_dir)
@@ -58,18 +54,7 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, overrides: 
     config = apply_overrides(default_config(model_cfg, hf_cfg["model_type"], tok_in_workdir), overrides)
     if config.data.tokenizer:
         Tokenizer(config.data.tokenizer).check_vocab(config.model.vocab_size)
-    model = Transformer(config.model)
-    state = init_state(config, model, jax.random.key(config.train.seed))
-    params = merge_weights(state.params, variables["params"])
-    extra = merge_weights(state.extra, {k: v for k, v in variables.items() if k != "params"})
-    state = state.replace(params=params, extra=extra)
-    workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint_manager(workdir, config)
-    try:
-        save_checkpoint(manager, 0, state, keep=config.train.keep_checkpoints)
-    finally:
-        manager.close()
-    write_record(workdir, config, schedule_steps=config.train.steps)
+    init_workdir(config, workdir, variables, allow_new=True)  # imported weights; new modules (scorers) fresh
     (workdir / SOURCE_FILE).write_text(json.dumps({"hf_dir": str(hf_dir.resolve()), "model_type": hf_cfg["model_type"],
                                                    "hf_config": hf_cfg}, indent=1))
     return config
