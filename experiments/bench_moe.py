@@ -37,8 +37,9 @@ configurations of their ratio, an absolute-efficiency figure no reference-matmul
 
 Sizes: the default experts are ``d_model = expert_dim = 512`` with 8192 tokens. With 256-wide
 experts (``--d-model 256 --expert-dim 256``) and top-1 over 32-64 experts each expert holds only
-128-256 rows of a 256-wide matmul: per-tile loop overhead and reading 50 MB of expert weights for
-3 GFLOP of work dominate, and the best impl measured 0.40-0.58 of dense (README states both).
+128-256 rows of a 256-wide matmul: the tiles' matmul rate (~0.75 of the dense one) and routing +
+sorting (~12%) bound the best impl near 0.6-0.7 of dense, and repeated runs scatter widely on a
+shared 2-core machine (README states both).
 """
 
 from __future__ import annotations

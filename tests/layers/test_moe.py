@@ -112,13 +112,34 @@ def test_grouped_swiglu_ignores_rows_outside_groups():
     assert_close(out, expected)
 
 
-def test_tile_ladder():
-    assert pick_tiles(8192, 64) == (64, 32, 16, 8)  # 128 rows per expert
-    assert pick_tiles(8192 * 8, 8) == (128, 64, 32, 16)
-    assert pick_tiles(48, 4) == (8,)
+def test_tile_sizes():
+    assert pick_tiles(8192, 64) == (256, 224, 192, 160, 128, 96, 64, 32)  # 128 rows per expert
+    assert pick_tiles(8192, 32) == (512, 448, 384, 320, 256, 192, 128, 64)  # 256 rows per expert
+    assert pick_tiles(48, 4) == (32, 24, 16, 8)
+    assert pick_tiles(4, 8) == (8,)
     with pytest.raises(ValueError, match="decreasing"):
         x, wg, wu, wd = _expert_weights(jnp.float32)
         grouped_swiglu(x, jnp.arange(4), jnp.ones(4), jnp.zeros(X, int), jnp.ones(X, int), wg, wu, wd, tiles=(4, 8))
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 100, 256, 257, 600])
+def test_walk_covers_an_expert_with_full_tiles_and_one_fitting_tile(size):
+    """Every row exactly once, in order; full top tiles, then the smallest size holding the rest."""
+    from ling_jax.layers.moe_sorted import _walk
+
+    tiles = (256, 224, 192, 160, 128, 96, 64, 32)
+
+    def step(c, r0, n_own, tile):
+        i, starts, lens, owned = c
+        return i + 1, starts.at[i].set(r0), lens.at[i].set(tile), owned.at[i].set(jnp.minimum(n_own, tile))
+
+    zeros = jnp.zeros(8, jnp.int32)
+    n, starts, lens, owned = jax.jit(lambda s: _walk((0, zeros, zeros, zeros), 5, s, tiles, step))(size)
+    n, starts, lens, owned = int(n), np.asarray(starts)[:int(n)], np.asarray(lens)[:int(n)], np.asarray(owned)[:int(n)]
+    full, rest = divmod(size, 256)
+    want = [256] * full + ([min(t for t in tiles if t >= rest)] if rest else [])
+    assert list(lens) == want and owned.sum() == size
+    assert list(starts) == list(5 + np.concatenate([[0], np.cumsum(lens)[:-1]])) if n else n == 0
 
 
 def test_auto_is_sorted_on_cpu_and_bad_impl_fails():
