@@ -148,14 +148,17 @@ def profile_parts(config: Config, params, step_fn: Callable, step_args: tuple, d
     for name, (fn, args, _) in parts.items():
         jitted[name] = (jax.jit(fn), args)
     out: dict = {"profile_repeats": repeats}
+    compiled = {}
     for name, (fn, args) in jitted.items():
-        analysis = fn.lower(*args).compile().cost_analysis()  # XLA's count of FLOPs and bytes
+        exe = fn.lower(*args).compile()  # timed below as compiled (calling `fn` would compile it again)
+        analysis = exe.cost_analysis()  # XLA's count of FLOPs and bytes
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
         if analysis:
             out[f"profile_{name}_xla_flops"] = float(analysis.get("flops", 0.0))
             out[f"profile_{name}_xla_bytes"] = float(analysis.get("bytes accessed", 0.0))
-        jax.block_until_ready(fn(*args))  # warm-up
-    times = interleaved({**jitted, "data": (data_fn, (0,))}, repeats, warmup=False)  # warmed up above
+        jax.block_until_ready(exe(*args))  # warm-up
+        compiled[name] = (exe, args)
+    times = interleaved({**compiled, "data": (data_fn, (0,))}, repeats, warmup=False)  # warmed up above
     wall = {name: w for name, (w, _) in times.items()}
     cpu = {name: c for name, (_, c) in times.items()}
     w = {name: float(np.min(ts)) for name, ts in wall.items()}  # min: least disturbed by other load

@@ -150,7 +150,7 @@ def test_train_profile_parts_cover_the_step_shapes():
     config = get_preset("cpu-tiny")
     m, t = config.model, config.train
     model = Transformer(m)
-    state = init_state(config, model, jax.random.key(0))
+    state = jax.jit(lambda key: init_state(config, model, key))(jax.random.key(0))  # eager init compiles op by op
     tokens = jax.random.randint(jax.random.key(1), (t.batch_size, t.seq_len), 0, m.vocab_size)
     batch = {"inputs": tokens, "targets": tokens, "loss_mask": jax.numpy.ones(tokens.shape),
              "oracle_mask": jax.numpy.zeros(tokens.shape, bool)}

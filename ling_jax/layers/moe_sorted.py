@@ -43,17 +43,17 @@ F32 = jnp.float32
 
 
 def pick_tiles(rows: int, num_experts: int) -> tuple[int, ...]:
-    """Static tile sizes: multiples of a quantum ``q`` up to ``top`` (at most 8 sizes).
+    """Static tile sizes: multiples of a quantum ``q`` up to ``top``.
 
-    ``top`` is the power of two at or above twice the mean load per expert (8..256), ``q = top / 8``
-    (at least 8): an expert with up to ``top`` rows runs ONE matmul tile, padded by fewer than
-    ``q`` rows, and a larger one runs full ``top`` tiles plus one such tile. On 2 CPU cores tiles
-    below ~96 rows run on one core, so one well-sized tile beats a ladder of small ones (measured:
-    ``experiments/bench_moe.py``).
+    ``top`` is the power of two at or above twice the mean load per expert (8..512), and there are
+    ``mean / 16`` sizes (1..8; each size is a loop body to compile, which dominates small problems):
+    an expert with up to ``top`` rows runs ONE matmul tile, padded by fewer than ``q`` rows, and a
+    larger one runs full ``top`` tiles plus one such tile. On 2 CPU cores tiles below ~96 rows run on
+    one core, so one well-sized tile beats a ladder of small ones (measured: ``experiments/bench_moe.py``).
     """
     mean = max(rows // max(num_experts, 1), 1)
     top = min(512, max(8, 1 << (2 * mean - 1).bit_length()))
-    q = max(8, top // 8)
+    q = max(8, top // min(8, max(1, mean // 16)))
     return tuple(range(top, 0, -q))
 
 

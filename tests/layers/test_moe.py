@@ -115,7 +115,8 @@ def test_grouped_swiglu_ignores_rows_outside_groups():
 def test_tile_sizes():
     assert pick_tiles(8192, 64) == (256, 224, 192, 160, 128, 96, 64, 32)  # 128 rows per expert
     assert pick_tiles(8192, 32) == (512, 448, 384, 320, 256, 192, 128, 64)  # 256 rows per expert
-    assert pick_tiles(48, 4) == (32, 24, 16, 8)
+    assert pick_tiles(1024, 16) == (128, 96, 64, 32)  # 64 rows per expert: 4 sizes
+    assert pick_tiles(48, 4) == (32,)
     assert pick_tiles(4, 8) == (8,)
     with pytest.raises(ValueError, match="decreasing"):
         x, wg, wu, wd = _expert_weights(jnp.float32)
