@@ -40,6 +40,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
+def quick_compiles():
+    """Most XLA optimizations off for one test (``ling_jax.testing.fast_compile``): for end-to-end
+    tests through the CLI that compile dozens of tiny programs and run each once or twice, and
+    check what the pipeline reports, not XLA's code."""
+    from ling_jax.testing import fast_compile
+
+    with fast_compile():
+        yield
+
+
+@pytest.fixture
 def unchecked():
     """Switches the run-time type checker off for one test: for tests of the library's own input
     validation (the errors a user without the checker sees), whose bad shapes the checker would

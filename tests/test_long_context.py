@@ -6,6 +6,7 @@ import math
 import pytest
 
 from experiments import long_context as L
+from ling_jax.testing import fast_compile
 
 pytestmark = pytest.mark.slow  # an end-to-end run (still in CI; `-m "not slow"` skips it)
 
@@ -16,7 +17,8 @@ METHODS = "learned,oracle,oracle@1"
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("long_context")
     argv = ["--preset", "smoke", "--results", str(root), "--tasks", "needle", "--methods", METHODS, "--no-progress"]
-    assert L.main(argv) == 0
+    with fast_compile():  # ~20 tiny programs, each run once or twice: compiling is most of the time
+        assert L.main(argv) == 0
     return root, argv
 
 

@@ -15,7 +15,6 @@ from ling_jax.config import ConfigError, PruningConfig, apply_overrides, get_pre
 from ling_jax.model import Transformer
 from ling_jax.pipeline import build_data
 from ling_jax.sweep import best_within, default_budgets, format_table, pruning_sweep, sweep_variants
-from ling_jax.testing import fast_compile
 
 PRUNED = {"model.pruning.enabled": "true", "model.pruning.layers": "all", "model.pruning.window": "4",
           "model.pruning.budget": "16", "train.eval_batches": "1"}
@@ -99,13 +98,6 @@ def test_best_within_picks_the_largest_reduction_inside_the_tolerance():
 def _snapshot(workdir) -> dict:
     """Every file under a workdir: path -> (bytes, mtime)."""
     return {str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(workdir.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def quick_compiles():
-    """End to end through the CLI: dozens of compiles of a tiny model, each run once or twice."""
-    with fast_compile():
-        yield
 
 
 def test_train_then_sweep_from_the_cli(tmp_path, capsys, quick_compiles):

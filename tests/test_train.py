@@ -15,6 +15,7 @@ import pytest
 
 from ling_jax.config import ConfigError, apply_overrides, get_preset
 from ling_jax.model import Transformer
+from ling_jax.testing import FAST_COMPILE_ENV
 from ling_jax.train import checkpoint_manager, init_state, restore_latest, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,9 @@ def _cli(workdir, *extra) -> list[str]:
 
 
 def _env():
-    env = dict(os.environ)
+    """The CLI runs are a dozen tiny steps: most XLA optimizations off (all runs alike, so losses
+    still compare bit for bit)."""
+    env = dict(os.environ, **FAST_COMPILE_ENV)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
