@@ -16,6 +16,8 @@ from ling_jax.model import Transformer, init_params
 from ling_jax.testing import assert_close
 from ling_jax.token_state import TokenState
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 BASE = get_preset("cpu-tiny").model
 PROMPT_LENGTHS = (5, 23, 14)
 NEW = 10

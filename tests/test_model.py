@@ -11,6 +11,8 @@ from ling_jax.config import PRESETS, get_preset
 from ling_jax.model import Transformer, init_params
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
 

@@ -15,6 +15,8 @@ from ling_jax.model import Transformer, init_params
 from ling_jax.request_eval import continuation_nll, run_request
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 B, P, C = 2, 24, 6
 BASE = dataclasses.replace(get_preset("cpu-tiny").model, num_layers=2)
 PRUNED = dataclasses.replace(BASE, pruning=PruningConfig(enabled=True, mode="hard", layers="from:1", num_sinks=1,

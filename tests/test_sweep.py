@@ -100,7 +100,8 @@ def _snapshot(workdir) -> dict:
     return {str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-def test_train_then_sweep_from_the_cli(tmp_path, capsys, quick_compiles):
+@pytest.mark.fast_xla
+def test_train_then_sweep_from_the_cli(tmp_path, capsys):
     workdir = tmp_path / "wd"
     train_cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "2", "--skip-baselines",
                  "--no-progress", *[f"--{k}={v}" for k, v in PRUNED.items()]]
@@ -146,7 +147,8 @@ def test_train_then_sweep_from_the_cli(tmp_path, capsys, quick_compiles):
     assert [r["step"] for r in finals] == [2, 3]  # one final evaluation per training run, none added by reruns
 
 
-def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys, quick_compiles):
+@pytest.mark.fast_xla
+def test_sweep_of_a_model_trained_without_pruning_is_a_clear_error(tmp_path, capsys):
     workdir = tmp_path / "dense"
     cmd = ["train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "1", "--skip-baselines",
            "--no-progress", "--train.eval_batches=1"]

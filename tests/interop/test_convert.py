@@ -52,7 +52,8 @@ def test_convert_writes_a_workdir_with_the_imported_weights(converted, capsys):
     assert "pruner" in state.params["block_1"]  # the new scorer, freshly initialised
 
 
-def test_eval_train_and_sweep_on_the_converted_workdir(converted, capsys, quick_compiles):
+@pytest.mark.fast_xla
+def test_eval_train_and_sweep_on_the_converted_workdir(converted, capsys):
     assert main(["eval", "--workdir", str(converted)]) == 0
     before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert before["step"] == 0 and math.isfinite(before["bpb"]) and before["bpb"] < before["loss"] / math.log(2)

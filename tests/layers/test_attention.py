@@ -9,6 +9,8 @@ import pytest
 from ling_jax.layers.attention import AttentionMask, dpa_attention, reference_attention, xla_attention
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 B, T, H, HKV, D = 2, 24, 4, 2, 8
 
 

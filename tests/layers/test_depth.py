@@ -21,8 +21,10 @@ from ling_jax.layers.depth_mod import compact_mask, expand_mask, topk_selection
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.model import Transformer, init_params
 from ling_jax.routing import token_capacity, selection_indices
-from ling_jax.testing import assert_close
+from ling_jax.testing import assert_close, fast_compile
 from ling_jax.token_state import TokenState
+
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
 
 B, T = 2, 24
 BASE = get_preset("cpu-tiny").model  # 2 layers
@@ -98,6 +100,7 @@ def test_other_bad_settings_fail(field, value):
 # ----------------------------------------------------------------------------- Mixture-of-Depths
 
 
+@pytest.mark.xla_optimized
 def test_capacity_one_equals_dense_exactly(params, tokens, dense):
     cfg = make_cfg(mod_enabled=True, mod_layers="all", mod_capacity=1.0)
     logits, _ = apply_fn(cfg)(params, tokens)
@@ -146,6 +149,7 @@ def test_compacted_path_equals_masked_reference_forward_and_grad(params, tokens,
     assert float(jnp.abs(router).max()) > 0, "the router must get a gradient through the block output"
 
 
+@pytest.mark.xla_optimized
 def test_unrouted_tokens_pass_on_the_residual(params, tokens):
     """One routed block: unrouted tokens' logits are those of the embedding alone."""
     cfg = dataclasses.replace(make_cfg(mod_enabled=True, mod_layers="all", mod_capacity=0.25), num_layers=1)
@@ -186,6 +190,7 @@ def test_padding_and_length_one_give_no_nans(params):
 # ----------------------------------------------------------------------------- early exit
 
 
+@pytest.mark.xla_optimized
 @pytest.mark.parametrize("confidence", ["margin", "saturation", "classifier"])
 def test_threshold_above_reachable_confidence_is_the_full_model(params, tokens, dense, confidence):
     cfg = make_cfg(mode="infer", exit_enabled=True, exit_confidence=confidence, exit_threshold=1.0)

@@ -18,6 +18,8 @@ from ling_jax.ledger import ledger_from_intermediates, unit_flops
 from ling_jax.model import Transformer
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 MLA_DIMS = MLAConfig(q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=48, max_seq_len=32,
                   attention="mla", mla=MLA_DIMS)
@@ -87,6 +89,7 @@ def test_budget_pruning_with_compaction(params):
     assert_close(logits, jax.jit(Transformer(CFG).apply)({"params": p}, TOKENS))
 
 
+@pytest.mark.xla_optimized
 def test_ledger_matches_xla_cost_analysis(params):
     """The ledger's MLA FLOPs (low-rank projections, q.k at nope+rope dims, p.v at v dims) are what
     XLA compiles, within 10%; and they are not the MHA formula's."""

@@ -25,6 +25,8 @@ from ling_jax.layers.moe_sorted import grouped_swiglu, pick_tiles
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 N, E, F, X, K = 24, 16, 8, 4, 2  # tokens, model dim, expert dim, experts, top-k
 
 

@@ -21,6 +21,8 @@ from ling_jax.layers.moe import BIAS_COLLECTION, MoE
 from ling_jax.model import Transformer
 from ling_jax.testing import assert_close
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48, max_seq_len=32)
 TOKENS = jax.random.randint(jax.random.key(0), (2, 12), 0, 64)
 

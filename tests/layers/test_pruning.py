@@ -23,6 +23,8 @@ from ling_jax.model import Transformer, init_params
 from ling_jax.testing import assert_close
 from ling_jax.token_state import TokenState
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 B, T = 2, 40
 BASE = get_preset("cpu-tiny").model  # 2 layers, d_model 64
 
@@ -117,6 +119,7 @@ def test_other_bad_settings_fail_clearly(kwargs, match):
 # ----------------------------------------------------------------------------- invariances (acceptance 1)
 
 
+@pytest.mark.xla_optimized
 @pytest.mark.parametrize("kwargs", [
     dict(threshold=0.0),
     dict(threshold=0.0, compaction=True, budget=64),

@@ -26,6 +26,8 @@ from pallas_kernels.block_sparse_attention import (
     reference_attention,
 )
 
+
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 MASK_KINDS = ("random", "all", "none", "single", "prefix", "blocks")

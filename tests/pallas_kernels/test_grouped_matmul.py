@@ -22,6 +22,8 @@ from pallas_kernels.grouped_matmul import reference as ref
 from pallas_kernels.grouped_matmul import tpu
 from pallas_kernels.grouped_matmul.metadata import make_group_metadata, max_grid_steps
 
+pytestmark = pytest.mark.fast_xla  # tiny programs compared with each other: see tests/conftest.py
+
 SETTINGS = settings(
     max_examples=10, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
