@@ -226,7 +226,8 @@ def grouped_swiglu(
 
     Rows outside ``[starts[g], starts[g] + sizes[g])`` for every g are ignored (e.g. dropped or
     zero-expert assignments sorted to the end). Differentiable in x, weights and the expert weights.
-    ``tiles``: one tile size or a decreasing ladder (default :func:`pick_tiles`); ``contiguous``
+    ``tiles``: one tile size or decreasing sizes (full tiles of the first, then one tile of the smallest
+    size that holds the rest; default :func:`pick_tiles`); ``contiguous``
     (default: mean rows per expert < 1024) gathers all rows once instead of per tile. Returns float32.
     """
     m, num_x = tokens.shape[0], w_gate.shape[0]
