@@ -44,9 +44,9 @@ def _fast_xla_where_marked(request):
     """Tests marked ``fast_xla`` (a test, or a module's ``pytestmark``) compile with most XLA
     optimizations off (``ling_jax.testing.fast_compile``): for tests that compile tiny programs,
     run each once or twice and compare them with each other or check what a pipeline reports,
-    not XLA's FLOP count. ``xla_optimized`` tests keep the optimizations: they assert bitwise equality
-    of two programs that only XLA's optimizations make identical, or read XLA's cost analysis. Module-scoped fixtures are built
-    before this runs, so they always use the optimized compiler."""
+    not XLA's FLOP count. ``xla_optimized`` tests keep the optimizations: they assert bitwise
+    equality of two programs that only XLA's optimizations make identical, or read XLA's cost
+    analysis. Module-scoped fixtures are built before this runs: always by the optimized compiler."""
     if request.node.get_closest_marker("fast_xla") and not request.node.get_closest_marker("xla_optimized"):
         from ling_jax.testing import fast_compile
 
