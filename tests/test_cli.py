@@ -10,7 +10,6 @@ import pytest
 
 from ling_jax import cli
 from ling_jax.config import PRESETS, ConfigError, get_preset, parse_overrides
-from ling_jax.testing import fast_compile
 
 
 def _help(capsys, *argv) -> str:
@@ -62,6 +61,7 @@ def test_info_prints_human_units_and_the_mesh(capsys):
     assert info["devices"] == 8 and isinstance(info["peak_bytes_per_device"], int)
 
 
+@pytest.mark.fast_xla  # what is checked is the report, not XLA's code
 def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
     import dataclasses
 
@@ -76,8 +76,7 @@ def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
     init_workdir(config, tmp_path / "wd", {"params": params})
     argv = ["eval", "--workdir", str(tmp_path / "wd"), "--request", "40:6", "--method", "window", "--budget", "12",
             "--requests", "2"]
-    with fast_compile():  # what is checked is the report, not XLA's code
-        assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (out["prompt"], out["continuation"], out["method"], out["budget"]) == (40, 6, "window", 12)
     assert out["token_reduction_computed"] > 1.0 and out["kv_fraction"] < 1.0 and out["bpb"] > 0
