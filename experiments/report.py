@@ -9,7 +9,8 @@ region names its files and the command that made them.
 
     python experiments/report.py                 # write every region, redraw the figures
     python experiments/report.py --check         # exit 1 if a region is stale, a results file is
-                                                 # missing, or a measured number sits outside the regions
+                                                 # missing or has no provenance, a measured number sits
+                                                 # outside the regions, or a command names an absolute path
 """
 
 from __future__ import annotations
@@ -495,6 +496,8 @@ def check(readme: str, section: str, results: Path) -> list[str]:
                      if not (results / name).exists()]
     problems += [f"hand-typed number outside the generated regions: {n}"
                  for n in B.hand_typed_numbers(readme, B.NOT_RESULTS)]
+    problems += [f"absolute path in a command (record paths relative to the repository): {p}"
+                 for p in B.absolute_paths_in_code(readme)]
     return problems
 
 

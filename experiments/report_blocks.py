@@ -16,29 +16,6 @@ from typing import Callable, Mapping, Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 
-# The command of a results file that predates recorded provenance (the file itself has no
-# ``command``); the block says that the command is the documented one, not a recorded one.
-DOCUMENTED_COMMANDS = {
-    "bench_pruning.json": "python experiments/bench_pruning.py --json experiments/results/bench_pruning.json",
-    "pruning_recall.json": "python experiments/pruning_recall.py --json experiments/results/pruning_recall.json",
-    "bench_moe.json": "python experiments/bench_moe.py --json experiments/results/bench_moe.json",
-    "bench_moe_d256.json": ("python experiments/bench_moe.py --d-model 256 --expert-dim 256 "
-                            "--json experiments/results/bench_moe_d256.json"),
-    "bench_moe_d256_loaded.json": ("python experiments/bench_moe.py --d-model 256 --expert-dim 256 --rounds 9 --bucket "
-                                   "--json experiments/results/bench_moe_d256_loaded.json"),
-    "moe_vs_dense.json": "python experiments/moe_vs_dense.py --json experiments/results/moe_vs_dense.json",
-    "bench_depth.json": "python experiments/bench_depth.py --json experiments/results/bench_depth.json",
-    "depth_quality.json": "python experiments/depth_quality.py",
-    "bench_train.json": "python experiments/bench_train.py --preset cpu-small --json experiments/results/bench_train.json",
-    "bench_train_profile_cpu_base.json": ("python experiments/bench_train.py --preset cpu-base --profile "
-                                          "--json experiments/results/bench_train_profile_cpu_base.json"),
-    "gpu/bench_kernels_gpu_attention.json": "OUT=experiments/results/gpu bash experiments/gpu_check.sh",
-    "gpu/bench_kernels_gpu_gmm.json": "OUT=experiments/results/gpu bash experiments/gpu_check.sh",
-    "foundation/cpu_base_metrics.jsonl": "ling-jax train --preset cpu-base --workdir runs/cpu-base",
-    "foundation/cpu_base_config.json": "ling-jax train --preset cpu-base --workdir runs/cpu-base",
-}
-
-
 class MissingResults(FileNotFoundError):
     """A block's results file is not there."""
 
@@ -57,13 +34,28 @@ def load(root: Path, name: str):
     return json.loads(path.read_text())
 
 
+class MissingProvenance(MissingResults):
+    """A results file records no command or git revision."""
+
+
+def provenance(root: Path, name: str, data) -> Mapping:
+    """Where a results file came from: its own ``command`` and ``git_revision`` (a JSON object), or
+    those of its ``<stem>.meta.json`` sibling (a JSONL file of rows). A file without both cannot back
+    a figure: :class:`MissingProvenance`. Files older than recorded provenance carry a
+    ``provenance_reconstructed`` note (command and revision taken from git history), shown as such."""
+    meta = load(root, name[:-len(".jsonl")] + ".meta.json") if name.endswith(".jsonl") else data
+    if not (isinstance(meta, Mapping) and meta.get("command") and meta.get("git_revision")):
+        raise MissingProvenance(f"results file {root / name} records no command and git revision (its provenance); "
+                                "rerun the command that makes it")
+    return meta
+
+
 def source(root: Path, name: str, data) -> str:
-    rel = f"experiments/results/{name}"
-    recorded = data.get("command") if isinstance(data, Mapping) else None
-    if recorded:
-        rev = data.get("git_revision")
-        return f"`{rel}` (made by `{recorded}`" + (f" at `{rev[:10]}`" if rev else "") + ")"
-    return f"`{rel}` (no command recorded in the file; the documented one is `{DOCUMENTED_COMMANDS[name]}`)"
+    meta = provenance(root, name, data)
+    made = f"`{meta['command']}` at `{meta['git_revision'][:10]}`"
+    if meta.get("provenance_reconstructed"):
+        return f"`experiments/results/{name}` ({made}, reconstructed from git history: the file predates recorded provenance)"
+    return f"`experiments/results/{name}` (made by {made})"
 
 
 def header(root: Path, *names: str) -> list[str]:
@@ -259,7 +251,7 @@ def foundation(root: Path) -> list[str]:
             f"**Dense `cpu-base` vs classic compressors** (validation split of the default corpus, "
             f"{base['validation_bytes']:,} bytes of Python standard-library sources, files assigned by a hash of "
             "their path; the compressor figures are those the main job printed for the same split):", "",
-            "```bash", DOCUMENTED_COMMANDS["foundation/cpu_base_metrics.jsonl"], "```", "",
+            "```bash", provenance(root, "foundation/cpu_base_metrics.jsonl", metrics)["command"], "```", "",
             *table(["model", "validation bits per byte"], [
                 [f"ling-jax `cpu-base` (d_model {m['d_model']}, {m['num_layers']} layers, {t['steps']} steps x "
                  f"{t['batch_size'] * t['seq_len']} tokens)", f"**{final['eval_bpb']:.3f}**"],
@@ -717,6 +709,17 @@ def hand_typed_numbers(readme: str, allowed: Sequence[str] = ()) -> list[str]:
             if not any(a in line and m.group(0) in a for a in allowed):
                 found.append(f"{m.group(0)!r} in: {line.strip()[:120]}")
     return found
+
+
+# A path that starts at a machine's root inside a command or code span: `/tmp/x`, `--root=/home/..`.
+_ABSOLUTE = re.compile(r"(?:^|[\s=`'\"(])(/[A-Za-z0-9_.-]+/[^\s`'\")]*)")
+
+
+def absolute_paths_in_code(readme: str) -> list[str]:
+    """Absolute paths in the README's code (fenced blocks and `spans`, which is where commands are),
+    with their line: a recorded command must name paths relative to the repository."""
+    code = re.findall(r"```.*?```", readme, flags=re.S) + re.findall(r"`[^`\n]+`", re.sub(r"```.*?```", "", readme, flags=re.S))
+    return [f"{m.group(1)!r} in: {c.strip()[:120]}" for c in code for m in _ABSOLUTE.finditer(c)]
 
 
 # Numbers in the README prose that are not results: documented targets, tolerances and settings.

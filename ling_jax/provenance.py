@@ -51,10 +51,34 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def portable_path(arg: str) -> str:
+    """An argument as a command in the README may show it: an absolute path inside the repository
+    becomes relative to it, one elsewhere (a scratch folder) becomes ``$TMPDIR/<name>``; an
+    ``--option=/path`` likewise; anything else unchanged."""
+    option, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+    if not value.startswith("/"):
+        return arg
+    path = Path(value)
+    try:
+        portable = path.resolve().relative_to(REPO.resolve()).as_posix() or "."
+    except ValueError:
+        portable = "$TMPDIR/" + path.name
+    return option + eq + portable
+
+
 def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
-    """``python <script> <args>`` (``argv`` default: this process's arguments)."""
+    """``python <script> <args>`` (``argv`` default: this process's arguments), with every path
+    argument relative to the repository (:func:`portable_path`): a recorded command names no
+    machine's folders."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return "python " + " ".join(shlex.quote(str(a)) for a in [script, *args])
+    return "python " + " ".join(_quote(portable_path(str(a))) for a in [script, *args])
+
+
+def _quote(arg: str) -> str:
+    head, scratch, name = arg.partition("$TMPDIR/")  # $TMPDIR is left for the shell to expand
+    if not scratch:
+        return shlex.quote(arg)
+    return (shlex.quote(head) if head else "") + scratch + shlex.quote(name)
 
 
 def jsonable(x: Any) -> Any:

@@ -29,3 +29,13 @@ def test_results_file_records_command_revision_config_versions_and_checkpoints(t
     (ckpt,) = out["checkpoints"]
     assert ckpt["workdir"] == str(workdir) and ckpt["step"] == 50 and ckpt["schedule_steps"] == 50
     assert ckpt["config"]["model"]["d_model"] == config.model.d_model and ckpt["trained_by"] == recorded
+
+
+def test_a_recorded_command_names_no_machine_path(tmp_path):
+    from ling_jax.provenance import REPO, command_line
+
+    command = command_line("experiments/main_job.py", ["--workdir", str(tmp_path / "mj"), "--json",
+                                                        str(REPO / "experiments/results/main_job.json"),
+                                                        f"--root={tmp_path}/kr", "--note", "a b"])
+    assert command == ("python experiments/main_job.py --workdir $TMPDIR/mj --json experiments/results/main_job.json "
+                       "--root=$TMPDIR/kr --note 'a b'")
