@@ -60,20 +60,35 @@ def build_config(args: argparse.Namespace, extra: Sequence[str], base: Config | 
         config = _workdir_config(getattr(args, "workdir", None))
     overrides = parse_overrides(extra)
     if getattr(args, "steps", None) is not None:
-        overrides["train.steps"] = str(args.steps)
+        _shortcut(overrides, "--steps", "train.steps", str(args.steps))
     if getattr(args, "checkpoint_every", None) is not None:
-        overrides["train.checkpoint_every"] = str(args.checkpoint_every)
-    if getattr(args, "data", None):
-        overrides["data.task"], overrides["data.path"] = "text", args.data
-    if getattr(args, "task", None):
-        overrides["data.task"] = args.task
+        _shortcut(overrides, "--checkpoint-every", "train.checkpoint_every", str(args.checkpoint_every))
+    _data_shortcuts(args, overrides)
     if getattr(args, "mesh", None):
         for part in args.mesh.split(","):
             if "=" not in part:
                 raise ConfigError(f"--mesh takes axis=size pairs like data=2,fsdp=4; got {part!r}")
             axis, size = part.split("=", 1)
-            overrides[f"mesh.{axis.strip()}"] = size.strip()
+            _shortcut(overrides, "--mesh", f"mesh.{axis.strip()}", size.strip())
     return apply_overrides(config, overrides)
+
+
+def _shortcut(overrides: dict[str, str], flag: str, key: str, value: str) -> None:
+    """Sets ``key`` from a shortcut flag (``--steps`` for ``train.steps``): both spellings of one
+    field may be given only if they agree."""
+    given = overrides.get(key)
+    if given is not None and given != value:
+        raise ConfigError(f"{flag} sets {key} to {value} but --{key} {given} was also given; give one of them")
+    overrides[key] = value
+
+
+def _data_shortcuts(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """``--data PATH`` (text from PATH) and ``--task NAME`` as data.* overrides."""
+    if getattr(args, "data", None):
+        _shortcut(overrides, "--data", "data.task", "text")
+        _shortcut(overrides, "--data", "data.path", args.data)
+    if getattr(args, "task", None):
+        _shortcut(overrides, "--task", "data.task", args.task)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -205,10 +220,7 @@ def cmd_eval(args, extra) -> int:
 
     config, model, state = load_trained(args.workdir)
     overrides = parse_overrides(extra)
-    if args.data:
-        overrides["data.task"], overrides["data.path"] = "text", args.data
-    if args.task:
-        overrides["data.task"] = args.task
+    _data_shortcuts(args, overrides)
     config = apply_overrides(config, overrides)
     if args.request:
         print(json.dumps(_request_eval(args, config, state)))
@@ -240,6 +252,13 @@ def _request_eval(args, config: Config, state) -> dict:
     if prompt < 1 or continuation < 1 or prompt + continuation > config.model.max_seq_len:
         raise ConfigError(f"--request {args.request}: need PROMPT, CONTINUATION >= 1 and PROMPT + CONTINUATION <= "
                           f"model.max_seq_len ({config.model.max_seq_len})")
+    trained = config.train.seq_len
+    if prompt + continuation > trained:
+        past = (f"--request {args.request}: {prompt + continuation} tokens run past the {trained} the model was trained at "
+                "(train.seq_len), so positions it never trained on are scored")
+        if not args.past_trained_length:
+            raise ConfigError(f"{past}; pass --past-trained-length to evaluate them anyway")
+        print(f"ling-jax: warning: {past}", file=sys.stderr)
     data = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
     prompts, continuations = text_requests(data, args.requests, prompt, continuation)
     scored = np.ones(continuations.shape, np.float32)
@@ -484,6 +503,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="--request: which method keeps the prompt's tokens (default: the trained scorer)")
     p.add_argument("--budget", type=int, default=64, metavar="B", help="--request: KV slots per layer (default 64)")
     p.add_argument("--requests", type=int, default=16, metavar="N", help="--request: how many requests (default 16)")
+    p.add_argument("--past-trained-length", action="store_true",
+                   help="--request: allow P + C beyond the sequence length the model was trained at (train.seq_len), "
+                        "with a warning; positions it never trained on are scored")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("info", help="parameter count, FLOPs per token, memory estimate",

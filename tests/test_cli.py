@@ -84,3 +84,27 @@ def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
     assert "PROMPT:CONTINUATION" in capsys.readouterr().err
     assert cli.main([*argv[:3], "--request", "40:6", "--method", "learned"]) != 0  # no scorer in this model
     assert "model.pruning.enabled=true" in capsys.readouterr().err
+    # cpu-tiny trains at 64 tokens (its model takes 128): a longer request is refused, or warned about
+    past = [*argv[:3], "--request", "60:8", "--method", "window", "--budget", "12", "--requests", "1"]
+    assert cli.main(past) == 2
+    err = capsys.readouterr().err
+    assert "68 tokens run past the 64 the model was trained at" in err and "--past-trained-length" in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main([*past, "--past-trained-length"]) == 0
+    assert "warning: --request 60:8: 68 tokens run past the 64" in capsys.readouterr().err
+
+
+def test_two_spellings_of_one_field_must_agree(tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    for argv, field in ((["--steps", "3", "--train.steps", "7"], "train.steps"),
+                        (["--train.steps", "3", "--train.steps", "7"], "train.steps"),
+                        (["--checkpoint-every", "2", "--train.checkpoint_every=5"], "train.checkpoint_every"),
+                        (["--task", "mqar", "--data.task", "needle"], "data.task"),
+                        (["--mesh", "data=2", "--mesh.data", "4"], "mesh.data")):
+        assert cli.main(["train", "--preset", "cpu-tiny", "--workdir", str(workdir), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert field in err and len(err.strip().splitlines()) == 1, err
+        assert not workdir.exists()
+    args = cli.make_parser().parse_known_args([
+        "train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "3", "--train.steps", "3"])
+    assert cli.build_config(*args).train.steps == 3  # agreeing spellings are fine
