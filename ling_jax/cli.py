@@ -221,7 +221,9 @@ def cmd_eval(args, extra) -> int:
     config, model, state = load_trained(args.workdir)
     overrides = parse_overrides(extra)
     _data_shortcuts(args, overrides)
-    config = apply_overrides(config, overrides)
+    trained_data, config = config.data, apply_overrides(config, overrides)
+    if config.data == trained_data:  # the workdir's own data: is it still the corpus it trained on?
+        _warn_if_other_corpus(args.workdir, config)
     if args.request:
         print(json.dumps(_request_eval(args, config, state)))
         return 0
@@ -230,6 +232,15 @@ def cmd_eval(args, extra) -> int:
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
+
+
+def _warn_if_other_corpus(workdir, config: Config) -> None:
+    from ling_jax.pipeline import data_fingerprint
+    from ling_jax.workdir import data_difference, read_record
+
+    changed = data_difference(read_record(workdir), data_fingerprint(config))
+    if changed:
+        print(f"ling-jax: warning: {changed}; this evaluation reads the corpus as it is now", file=sys.stderr)
 
 
 def _request_eval(args, config: Config, state) -> dict:

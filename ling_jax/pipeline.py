@@ -10,7 +10,7 @@ import dataclasses
 from typing import Callable
 
 from ling_jax.config import Config, ConfigError
-from ling_jax.data import Batch, eval_batches, load_corpus, make_task, text_batch
+from ling_jax.data import Batch, corpus_fingerprint, default_corpus_root, eval_batches, load_corpus, make_task, text_batch
 from ling_jax.data import tasks as task_lib
 
 # Evaluation batches of synthetic tasks use seeds far from any training seed.
@@ -130,3 +130,13 @@ def build_data(config: Config, *, host_index: int = 0, host_count: int = 1) -> D
                 for i in range(train.eval_batches)]
 
     return DataSource("accuracy", task_batch, task_evals)
+
+
+def data_fingerprint(config: Config) -> dict | None:
+    """The text corpus a config trains on (:func:`ling_jax.data.corpus_fingerprint`) with where it
+    was read; None for synthetic tasks, which are a pure function of their settings."""
+    data = config.data
+    if data.task != "text":
+        return None
+    where = data.path or f"{default_corpus_root()} (this Python's standard library)"
+    return {**corpus_fingerprint(data.path or None, data.validation_fraction), "read_from": where}

@@ -29,15 +29,15 @@ from jaxtyping import Array, Float
 
 from ling_jax.checkpoints import CheckpointError, checkpoint_manager, restore_latest, save_checkpoint
 from ling_jax.config import Config, from_dict
-from ling_jax.data import Batch
+from ling_jax.data import Batch, DataError
 from ling_jax.layers.moe import BIAS_COLLECTION
 from ling_jax import sharding as sharding_lib
 from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
 from ling_jax.train_state import STATE_COLLECTIONS, TrainState, abstract_state, init_state, make_optimizer  # noqa: F401 (re-exported)
-from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, prepare, read_record, recorded_config,
-                              truncate_metrics, write_record)
+from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, data_difference, prepare, read_record,
+                              recorded_config, truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
 
@@ -231,11 +231,16 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
                   devices: Optional[Sequence[jax.Device]], final_eval: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from ling_jax.pipeline import build_data
+    from ling_jax.pipeline import build_data, data_fingerprint
 
     record = read_record(workdir)
     if record is not None:  # before anything is built: a changed training setting is refused naming it
         check_compatible(workdir, record, config)
+    corpus = data_fingerprint(config)
+    changed = data_difference(record, corpus)
+    if changed:  # data.path "" (the standard library) is another corpus under another Python
+        raise DataError(f"workdir {workdir}: {changed}; resuming would train on other data: "
+                        "use the recorded corpus (data.path) or a new --workdir")
     model = Transformer(config.model)
     # More than one device: shard by config.mesh (or the caller's shardings); each host reads its rows.
     plan = None
@@ -270,7 +275,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
             log_fn(f"train.steps is {config.train.steps}: the learning-rate schedule keeps the {schedule_steps} steps "
                    f"recorded when this workdir started{past}")
         if is_main_host:
-            write_record(workdir, config, schedule_steps=schedule_steps)
+            write_record(workdir, config, schedule_steps=schedule_steps, data=corpus)
     if is_main_host:
         truncate_metrics(metrics_path, start, log_fn, final=start >= config.train.steps)
 
@@ -293,7 +298,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
         nonlocal last_saved
         save_checkpoint(manager, done, state, keep=t.keep_checkpoints)
         if last_saved == 0 and is_main_host:  # a fresh run records its config with the first checkpoint
-            write_record(workdir, config, schedule_steps=schedule_steps)
+            write_record(workdir, config, schedule_steps=schedule_steps, data=corpus)
         last_saved = done
 
     def stop_requested(step: int) -> Optional[str]:

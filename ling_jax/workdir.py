@@ -131,12 +131,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
-    """Writes config.json (atomically): the config, the schedule length and the provenance of the
-    run writing it (command, git revision, library versions)."""
+def write_record(workdir: Path, config: Config, *, schedule_steps: int, data: Optional[dict] = None) -> None:
+    """Writes config.json (atomically): the config, the schedule length, the provenance of the
+    run writing it (command, git revision, library versions) and, for a text corpus, the
+    fingerprint of the data trained on (``data``, see :func:`ling_jax.pipeline.data_fingerprint`)."""
     from ling_jax.provenance import run_record
 
     record = {"schedule_steps": int(schedule_steps), "config": to_dict(config), "provenance": run_record()}
+    if data is not None:
+        record["data_fingerprint"] = data
     atomic_write(workdir / "config.json", json.dumps(record, indent=2, default=str).encode())
 
 
@@ -190,6 +193,20 @@ def check_compatible(workdir: Path, record: dict, config: Config) -> None:
         raise ConfigError(f"workdir {workdir} was trained with other settings ({'; '.join(changes)}); "
                           "resuming would mix two trainings: use a new --workdir or the recorded settings "
                           f"(fields that may change on resume: {', '.join(RESUME_MAY_CHANGE)})")
+
+
+def data_difference(record: Optional[dict], now: Optional[dict]) -> Optional[str]:
+    """How the corpus ``now`` differs from the one a workdir's ``record`` says it trained on; None
+    when they are the same or there is nothing to compare (a synthetic task, an imported model)."""
+    then = (record or {}).get("data_fingerprint")
+    if not then or not now or {k: then.get(k) for k in ("files", "bytes", "sha256")} == \
+            {k: now[k] for k in ("files", "bytes", "sha256")}:
+        return None
+
+    def describe(fp: dict) -> str:
+        return f"{fp.get('files')} files, {fp.get('bytes'):,} bytes, sha256 {str(fp.get('sha256'))[:12]} from {fp.get('read_from')}"
+
+    return f"the corpus differs from the one this workdir trained on ({describe(then)}; now {describe(now)})"
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

@@ -137,3 +137,33 @@ def test_tiny_model_learns_associative_recall(tmp_path):
     })
     result = train(config, tmp_path, progress=False)
     assert result["accuracy"] > 0.95, result
+
+
+@pytest.mark.fast_xla  # what is checked is the refusal and the warning, not XLA's code
+def test_a_resume_on_another_corpus_is_refused_and_eval_warns(tmp_path, monkeypatch, capsys):
+    """data.path "" is this Python's standard library: under another Python it is other data."""
+    from ling_jax import cli
+    from ling_jax.data import DataError, corpus
+    from ling_jax import pipeline
+
+    def stdlib_of(name: str, text: str):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "os.py").write_text(text * 200)
+        for module in (corpus, pipeline):
+            monkeypatch.setattr(module, "default_corpus_root", lambda: root)
+
+    stdlib_of("python3.11", "import sys\nprint(sys.path)\n")
+    config = apply_overrides(get_preset("cpu-tiny"), {"train.steps": "1", "train.eval_batches": "1", "train.seq_len": "16",
+                                                      "train.batch_size": "8", "data.path": ""})
+    workdir = tmp_path / "wd"
+    train(config, workdir, progress=False, final_eval=False)
+    recorded = json.loads((workdir / "config.json").read_text())["data_fingerprint"]
+    assert (recorded["files"], recorded["bytes"]) == (1, 27 * 200)
+    stdlib_of("python3.12", "import os\nprint(os.sep)\n")
+    more = apply_overrides(config, {"train.steps": "2"})
+    with pytest.raises(DataError, match=r"corpus differs from the one this workdir trained on \(1 files, 5,400 bytes"):
+        train(more, workdir, progress=False)
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the corpus differs" in err and "python3.12 (this Python's standard library)" in err

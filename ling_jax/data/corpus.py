@@ -283,6 +283,24 @@ def corpus_files(
     return [source]
 
 
+def corpus_fingerprint(path: str | os.PathLike | None = None, validation_fraction: float = 0.05) -> dict:
+    """What a corpus is, independent of where it lies: ``{"files", "bytes", "sha256"}`` over its
+    file list (paths relative to its root) and the bytes of both splits. ``path=None`` (this
+    interpreter's standard library) differs between Pythons; a workdir records this to notice."""
+    source, _ = _resolve(path)
+    digest = hashlib.sha256()
+    files = []
+    for split in ("train", "validation"):
+        for p in corpus_files(path, split, validation_fraction):
+            files.append(p.relative_to(source).as_posix() if source.is_dir() else p.name)
+    for name in sorted(set(files)):
+        digest.update(name.encode() + b"\0")
+    data = [load_corpus(path, split, validation_fraction) for split in ("train", "validation")]
+    for part in data:
+        digest.update(len(part).to_bytes(8, "little") + part.tobytes())
+    return {"files": len(set(files)), "bytes": int(sum(len(d) for d in data)), "sha256": digest.hexdigest()}
+
+
 # ----------------------------------------------------------------------------- batches
 
 
