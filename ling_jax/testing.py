@@ -18,13 +18,19 @@ _TOLERANCES = {
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
     jnp.dtype(jnp.float16): dict(rtol=5e-3, atol=5e-3),
 }
-# "external": against an independent implementation (e.g. Hugging Face transformers in torch), whose
-# different operation order adds rounding: 5x the forward tolerance (1e-4 in float32).
-_KIND_FACTOR = {"forward": 1.0, "grad": 5.0, "external": 5.0}
+# "external": against an independent implementation (Hugging Face transformers in torch), on the
+# scale of the expected output: max |actual - expected| <= 0.1 x the forward atol x max |expected|
+# (2e-6 in float32). Measured in float32 on the interop fixtures and five other weight draws of each
+# family (transformers 5.24, CPU): 1.5e-7 to 8.2e-7 for logits and single layers; 5e-6 to 1.4e-5 with
+# DeepSeek's latent norms at the config's epsilon instead of 1e-6. Logits of tied embeddings reach
+# 40 where the others stay near 4, and the error grows with that scale, so an elementwise rtol/atol
+# loose enough for them would hide such a defect in the others.
+_KIND_FACTOR = {"forward": 1.0, "grad": 5.0, "external": 0.1}
 
 
 def tolerances(dtype, kind: str = "forward") -> dict[str, float]:
-    """rtol/atol for comparing results computed in `dtype` (forward or grad)."""
+    """rtol/atol for comparing results computed in `dtype` (forward or grad; for "external" the atol
+    is relative to the expected output's largest magnitude, see `assert_close`)."""
     if kind not in _KIND_FACTOR:
         raise ValueError(f"kind must be one of {sorted(_KIND_FACTOR)}, got {kind!r}")
     base = _TOLERANCES.get(jnp.dtype(dtype))
@@ -35,13 +41,18 @@ def tolerances(dtype, kind: str = "forward") -> dict[str, float]:
 
 
 def assert_close(actual, expected, dtype=None, kind: str = "forward") -> None:
-    """Tree-wise allclose with the tolerance of `dtype` (default: lowest precision in `actual`)."""
+    """Tree-wise allclose with the tolerance of `dtype` (default: lowest precision in `actual`);
+    kind="external" compares each leaf on its expected values' scale (atol x max |expected|, no rtol)."""
     if dtype is None:
         leaves = [np.asarray(x) for x in _leaves(actual)]
         dtypes = [jnp.dtype(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
         dtype = min(dtypes, key=lambda d: jnp.finfo(d).bits) if dtypes else jnp.float32
     tol = tolerances(dtype, kind)
     to32 = lambda t: _tree_map(lambda x: np.asarray(x, dtype=np.float32), t)
+    if kind == "external":
+        scaled = lambda a, e: np.testing.assert_allclose(a, e, rtol=0, atol=tol["atol"] * np.max(np.abs(e), initial=0))
+        _tree_map(scaled, to32(actual), to32(expected))
+        return
     chex.assert_trees_all_close(to32(actual), to32(expected), **tol)
 
 
@@ -51,10 +62,10 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def _tree_map(fn, tree):
+def _tree_map(fn, tree, *rest):
     import jax
 
-    return jax.tree_util.tree_map(fn, tree)
+    return jax.tree_util.tree_map(fn, tree, *rest)
 
 
 # End-to-end tests (the experiment scripts' smoke preset, the notebook) compile dozens of tiny

@@ -66,11 +66,14 @@ def _bf16_tensor(file: pathlib.Path, name: str) -> np.ndarray:
 def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of a model directory as float32 numpy arrays (sharded or single file)."""
     _require_safetensors()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = pathlib.Path(path)
     if (path / INDEX).exists():
-        weight_map = json.loads((path / INDEX).read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads((path / INDEX).read_text()).get("weight_map", {})
+        except json.JSONDecodeError as e:
+            raise InteropError(f"{path / INDEX} is not valid JSON: {e}") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -83,13 +86,17 @@ def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in files:
         file = path / name
-        with safe_open(str(file), framework="np") as f:
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                value = _bf16_tensor(file, key) if dtype == "BF16" else f.get_tensor(key)
-                if not np.issubdtype(value.dtype, np.floating):
-                    raise InteropError(f"tensor {key} in {name} has dtype {dtype}; expected a floating-point weight")
-                out[key] = np.asarray(value, np.float32)
+        try:
+            with safe_open(str(file), framework="np") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    value = _bf16_tensor(file, key) if dtype == "BF16" else f.get_tensor(key)
+                    if not np.issubdtype(value.dtype, np.floating):
+                        raise InteropError(f"tensor {key} in {name} has dtype {dtype}; "
+                                           "expected a floating-point weight")
+                    out[key] = np.asarray(value, np.float32)
+        except SafetensorError as e:  # a truncated or damaged file: its header does not describe its bytes
+            raise InteropError(f"{file} is not a readable safetensors file (truncated or damaged?): {e}") from None
     return out
 
 
@@ -327,7 +334,7 @@ def _check_against_model(cfg: ModelConfig, variables: dict) -> None:
 def load_hf(path: str | pathlib.Path, *, max_seq_len: int | None = None) -> tuple[ModelConfig, dict, dict]:
     """``(ModelConfig, variables, hf_config)`` of a Hugging Face model directory."""
     hf_cfg = read_hf_config(path)
-    cfg = config_from_hf(hf_cfg, max_seq_len=max_seq_len)
+    cfg = config_from_hf(hf_cfg, max_seq_len=max_seq_len, source=str(pathlib.Path(path) / "config.json"))
     variables = variables_from_tensors(cfg, hf_cfg["model_type"], read_tensors(path), hf_config=hf_cfg)
     return cfg, variables, hf_cfg
 

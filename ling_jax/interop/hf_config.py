@@ -136,11 +136,19 @@ def moe_config_from_hf(c: Mapping[str, Any], model_type: str) -> tuple[MoEConfig
     return MoEConfig(), int(c["intermediate_size"])
 
 
-def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None) -> ModelConfig:
-    """A ModelConfig that reproduces the Hugging Face model described by config.json ``c``."""
+def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None, source: str = "config.json") -> ModelConfig:
+    """A ModelConfig that reproduces the Hugging Face model described by config.json ``c`` (read
+    from ``source``, the file errors name)."""
     model_type = c.get("model_type")
     if model_type not in SUPPORTED:
-        raise InteropError(f"unsupported model_type {model_type!r} in config.json; supported: {list(SUPPORTED)}")
+        raise InteropError(f"unsupported model_type {model_type!r} in {source}; supported: {list(SUPPORTED)}")
+    try:
+        return _config_from_hf(c, model_type, max_seq_len)
+    except KeyError as e:
+        raise InteropError(f"{source} (model_type {model_type!r}) lacks the key {e.args[0]!r}") from None
+
+
+def _config_from_hf(c: Mapping[str, Any], model_type: str, max_seq_len: int | None) -> ModelConfig:
     _check_common(c, model_type)
     if c.get("attention_bias") and model_type not in ("qwen2", "qwen2_moe"):
         raise _refuse(model_type, "attention_bias=true (biases on the attention output projection)")
@@ -155,17 +163,14 @@ def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None) -> M
     if model_type == "deepseek_v3":
         attention = _mla_from_hf(c, model_type)
         head_dim = d_model // heads if d_model % heads == 0 else attention["mla"].qk_head_dim
-    try:
-        return ModelConfig(
-            vocab_size=int(c["vocab_size"]), d_model=d_model, num_layers=int(c["num_hidden_layers"]), num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=0 if head_dim * heads == d_model else head_dim, mlp_dim=mlp_dim,
-            max_seq_len=int(max_seq_len or c.get("max_position_embeddings") or 2048), rope_base=theta,
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            moe=moe, qkv_bias=qkv_bias, qk_norm=qk_norm, rope_scaling=scaling, **attention,
-        )
-    except KeyError as e:
-        raise InteropError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
+    return ModelConfig(
+        vocab_size=int(c["vocab_size"]), d_model=d_model, num_layers=int(c["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=0 if head_dim * heads == d_model else head_dim, mlp_dim=mlp_dim,
+        max_seq_len=int(max_seq_len or c.get("max_position_embeddings") or 2048), rope_base=theta,
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        moe=moe, qkv_bias=qkv_bias, qk_norm=qk_norm, rope_scaling=scaling, **attention,
+    )
 
 
 def _mla_from_hf(c: Mapping[str, Any], model_type: str) -> dict:
@@ -178,13 +183,10 @@ def _mla_from_hf(c: Mapping[str, Any], model_type: str) -> dict:
     mscale_all_dim = 0.0
     if (params.get("rope_type") or params.get("type") or "default") != "default":
         mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
-    try:
-        return dict(attention="mla", mla=MLAConfig(
-            q_lora_rank=int(c.get("q_lora_rank") or 0), kv_lora_rank=int(c["kv_lora_rank"]),
-            qk_nope_head_dim=int(c["qk_nope_head_dim"]), qk_rope_head_dim=int(c["qk_rope_head_dim"]),
-            v_head_dim=int(c["v_head_dim"]), mscale_all_dim=mscale_all_dim))
-    except KeyError as e:
-        raise InteropError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
+    return dict(attention="mla", mla=MLAConfig(
+        q_lora_rank=int(c.get("q_lora_rank") or 0), kv_lora_rank=int(c["kv_lora_rank"]),
+        qk_nope_head_dim=int(c["qk_nope_head_dim"]), qk_rope_head_dim=int(c["qk_rope_head_dim"]),
+        v_head_dim=int(c["v_head_dim"]), mscale_all_dim=mscale_all_dim))
 
 
 def _mla_to_hf(cfg: ModelConfig, base: Mapping[str, Any]) -> dict:

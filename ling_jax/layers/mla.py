@@ -35,6 +35,10 @@ from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import Attention
 from ling_jax.layers.basics import RMSNorm, compute_dtype, dense_init, param_with_axes
 
+# The two latent norms' epsilon: fixed, as in DeepSeek's reference implementation (Hugging Face
+# transformers' DeepseekV3Attention), whatever the model's ``norm_eps`` (its ``rms_norm_eps``).
+LATENT_NORM_EPS = 1e-6
+
 
 class MLA(Attention):
     """Multi-head latent attention; same call as :class:`Attention` (``(x, mask, state, kv_x=None)``)."""
@@ -45,13 +49,13 @@ class MLA(Attention):
         if m.q_lora_rank:
             r = m.q_lora_rank
             self.wq_a = param_with_axes(self, "wq_a", dense_init(e), (e, r), ("embed", "latent"))
-            self.q_a_norm = RMSNorm(cfg.norm_eps, axis_name="latent", name="q_a_norm")
+            self.q_a_norm = RMSNorm(LATENT_NORM_EPS, axis_name="latent", name="q_a_norm")
             self.wq_b = param_with_axes(self, "wq_b", dense_init(r), (r, h, dqk), ("latent", "heads", "head_dim"))
         else:
             self.wq = param_with_axes(self, "wq", dense_init(e), (e, h, dqk), ("embed", "heads", "head_dim"))
         r = m.kv_lora_rank
         self.wkv_a = param_with_axes(self, "wkv_a", dense_init(e), (e, r + m.qk_rope_head_dim), ("embed", "latent"))
-        self.kv_a_norm = RMSNorm(cfg.norm_eps, axis_name="latent", name="kv_a_norm")
+        self.kv_a_norm = RMSNorm(LATENT_NORM_EPS, axis_name="latent", name="kv_a_norm")
         self.wkv_b = param_with_axes(self, "wkv_b", dense_init(r), (r, h, m.qk_nope_head_dim + dv),
                                      ("latent", "heads", "head_dim"))
         self.wo = param_with_axes(self, "wo", dense_init(h * dv), (h, dv, e), ("heads", "head_dim", "embed"))

@@ -80,6 +80,33 @@ def test_convert_bad_inputs(tmp_path, converted, capsys):
     assert "--preset is required" in capsys.readouterr().err
 
 
+def test_convert_damaged_checkpoint_one_line_errors(tmp_path, capsys):
+    """A config.json without a required size and a truncated .safetensors file: exit 2 with one
+    line naming the file and what is wrong in it, no traceback."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hf / name).write_bytes((FIXTURE / name).read_bytes())
+    good = json.loads((FIXTURE / "config.json").read_text())
+
+    def convert_error() -> str:
+        assert main(["convert", "--hf", str(hf), "--workdir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ling-jax: error: ") and err.count("\n") == 1, err
+        assert not (tmp_path / "w").exists()
+        return err
+
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        (hf / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        err = convert_error()
+        assert str(hf / "config.json") in err and f"lacks the key '{key}'" in err
+    (hf / "config.json").write_text(json.dumps(good))
+    data = (FIXTURE / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+    err = convert_error()
+    assert str(hf / "model.safetensors") in err and "not a readable safetensors file" in err
+
+
 def test_export_after_fine_tuning_round_trips(converted, tmp_path, capsys):
     from ling_jax.train import load_trained
 
