@@ -142,10 +142,16 @@ def config_from_hf(c: Mapping[str, Any], *, max_seq_len: int | None = None, sour
     model_type = c.get("model_type")
     if model_type not in SUPPORTED:
         raise InteropError(f"unsupported model_type {model_type!r} in {source}; supported: {list(SUPPORTED)}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = c.get(key)
+        if key in c and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise InteropError(f"{source} (model_type {model_type!r}): {key} must be a positive integer, got {value!r}")
     try:
         return _config_from_hf(c, model_type, max_seq_len)
     except KeyError as e:
         raise InteropError(f"{source} (model_type {model_type!r}) lacks the key {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a null, a string or a zero where a size belongs
+        raise InteropError(f"{source} (model_type {model_type!r}) has a value this conversion cannot use: {e}") from None
 
 
 def _config_from_hf(c: Mapping[str, Any], model_type: str, max_seq_len: int | None) -> ModelConfig:

@@ -100,6 +100,11 @@ def test_convert_damaged_checkpoint_one_line_errors(tmp_path, capsys):
         (hf / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != key}))
         err = convert_error()
         assert str(hf / "config.json") in err and f"lacks the key '{key}'" in err
+    for key, value in (("hidden_size", None), ("num_attention_heads", 0), ("num_hidden_layers", "2")):
+        (hf / "config.json").write_text(json.dumps({**good, key: value}))
+        assert f"{key} must be a positive integer, got {value!r}" in convert_error()
+    (hf / "config.json").write_text(json.dumps({**good, "intermediate_size": None}))
+    assert "has a value this conversion cannot use" in convert_error()
     (hf / "config.json").write_text(json.dumps(good))
     data = (FIXTURE / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
