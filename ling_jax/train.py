@@ -36,8 +36,8 @@ from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
 from ling_jax.train_state import STATE_COLLECTIONS, TrainState, abstract_state, init_state, make_optimizer  # noqa: F401 (re-exported)
-from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, data_difference, prepare, read_record,
-                              recorded_config, truncate_metrics, write_record)
+from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, data_difference, prepare, print_log,
+                              read_record, recorded_config, truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
 
@@ -202,7 +202,7 @@ def _schedule_steps(record: Optional[dict], config: Config, start: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print,
+def train(config: Config, workdir: str | Path, *, progress: bool = True, log_fn: Callable[[str], None] = print_log,
           state_shardings: Any = None, batch_sharding: Any = None, is_main_host: bool = True,
           devices: Optional[Sequence[jax.Device]] = None, final_eval: bool = True) -> dict:
     """Trains (resuming from the newest good checkpoint in `workdir`) and returns the final eval metrics.

@@ -18,12 +18,19 @@ import fcntl
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ling_jax.config import Config, ConfigError, from_dict, to_dict
 
 LOCK_NAME = ".lock"
+
+
+def print_log(msg: str) -> None:
+    """The trainer's default log: warnings (``"warning: ..."``) to stderr, as every command writes
+    them, and progress notes to stdout."""
+    print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
 
 
 class WorkdirError(RuntimeError):
@@ -45,7 +52,7 @@ def prepare(workdir: str | Path) -> Path:
 class WorkdirLock:
     """Exclusive, non-blocking lock on a workdir, held from ``__enter__`` to ``__exit__``."""
 
-    def __init__(self, workdir: Path, log_fn: Callable[[str], None] = print):
+    def __init__(self, workdir: Path, log_fn: Callable[[str], None] = print_log):
         self.path = Path(workdir) / LOCK_NAME
         self.log_fn = log_fn
         self._fd: Optional[int] = None
@@ -212,7 +219,7 @@ def data_difference(record: Optional[dict], now: Optional[dict]) -> Optional[str
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 
-def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] = print, final: bool = False) -> None:
+def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] = print_log, final: bool = False) -> None:
     """Keeps the metric lines up to ``last_step`` (later ones are re-run), dropping unparsable
     lines (a partial last line of a killed run); rewrites the file atomically. With ``final``
     (resuming at the last step: only the final evaluation runs again) the final-evaluation lines

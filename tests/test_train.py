@@ -140,7 +140,7 @@ def test_tiny_model_learns_associative_recall(tmp_path):
 
 
 @pytest.mark.fast_xla  # what is checked is the refusal and the warning, not XLA's code
-def test_a_resume_on_another_corpus_is_refused_and_eval_warns(tmp_path, monkeypatch, capsys):
+def test_a_resume_on_another_corpus_is_refused_and_warnings_go_to_stderr(tmp_path, monkeypatch, capsys):
     """data.path "" is this Python's standard library: under another Python it is other data."""
     from ling_jax import cli
     from ling_jax.data import DataError, corpus
@@ -167,3 +167,12 @@ def test_a_resume_on_another_corpus_is_refused_and_eval_warns(tmp_path, monkeypa
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     err = capsys.readouterr().err
     assert "warning: the corpus differs" in err and "python3.12 (this Python's standard library)" in err
+    # back on the corpus it trained on, it resumes; its warnings go to stderr, its progress to stdout
+    for module in (corpus, pipeline):
+        monkeypatch.setattr(module, "default_corpus_root", lambda: tmp_path / "python3.11")
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "lo')  # a line cut off by a kill
+    train(more, workdir, progress=False, final_eval=False)
+    out, err = capsys.readouterr()
+    assert "resumed from step 1" in out and "warning" not in out
+    assert "warning: dropped 1 unreadable line(s)" in err
