@@ -171,8 +171,7 @@ def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=
     config, _, state = load_trained(workdir)
     data = build_data(config)
     batches = [b.as_dict() for b in data.eval_batches()]
-    variables = {"params": state.params, **state.extra}
-    rows = pruning_sweep(config.model, variables, batches, data.metric, progress=progress,
+    rows = pruning_sweep(config.model, state.variables(), batches, data.metric, progress=progress,
                          thresholds=DEFAULT_THRESHOLDS if thresholds is None else thresholds,
                          budgets=budgets, baselines=baselines)
     sweep = {"step": int(state.step), "metric": data.metric, "batches": len(batches),
@@ -224,8 +223,6 @@ def _request_eval(args, config: Config, state) -> dict:
     """``eval --request P:C``: prompts of P bytes from the validation text, prefilled with
     ``--method`` at ``--budget`` KV slots per layer, continued C bytes through the cache; bits per
     byte of the continuation and the whole request's computed FLOPs against the dense model."""
-    import flax.linen as nn
-
     from ling_jax.data.corpus import load_corpus
     import numpy as np
 
@@ -243,11 +240,10 @@ def _request_eval(args, config: Config, state) -> dict:
     data = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
     prompts, continuations = text_requests(data, args.requests, prompt, continuation)
     scored = np.ones(continuations.shape, np.float32)
-    params = nn.meta.unbox(state.params)
     runs = {}
     for name in ("dense", args.method):
         cfg = pruning_method(config.model, name, args.budget)
-        runs[name] = evaluate_requests(cfg, params, prompts, continuations, scored, metric="bpb", batch_size=8)
+        runs[name] = evaluate_requests(cfg, state.variables(), prompts, continuations, scored, metric="bpb", batch_size=8)
     dense, mine = runs["dense"], runs[args.method]
     return {"step": int(state.step), "prompt": prompt, "continuation": continuation, "requests": args.requests,
             "method": args.method, "budget": args.budget, "bpb": mine["quality"], "dense_bpb": dense["quality"],
@@ -385,7 +381,7 @@ def cmd_generate(args, extra) -> int:
             raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
         m = dataclasses.replace(m, pruning=dataclasses.replace(m.pruning, mode="hard", inference_rule="budget",
                                                                budget=args.budget))
-    params = state.params
+    variables = state.variables()
     info: dict = {"prompt_tokens": int(len(prompt))}
     if args.exit_threshold is not None:
         if not m.depth.exit_enabled:
@@ -393,13 +389,13 @@ def cmd_generate(args, extra) -> int:
         from ling_jax.generate_exit import generate as generate_exit
 
         m = dataclasses.replace(m, depth=dataclasses.replace(m.depth, mode="infer", exit_threshold=args.exit_threshold))
-        out = generate_exit(m, params, prompt[None], args.max_new_tokens)
+        out = generate_exit(m, variables, prompt[None], args.max_new_tokens)
         tokens = np.asarray(out["tokens"])[0]
         info["mean_layers_used"] = float(np.mean(np.asarray(out["layers_used"])))
     else:
         from ling_jax.generate import generate
 
-        out = generate(m, params, prompt[None], max_new_tokens=args.max_new_tokens)
+        out = generate(m, variables, prompt[None], max_new_tokens=args.max_new_tokens)
         tokens = np.asarray(out.tokens)[0]
         info["kv_cache_bytes"] = int(out.cache_bytes)
     print(args.prompt + decode(tokens))
