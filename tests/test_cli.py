@@ -84,3 +84,14 @@ def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
     assert "PROMPT:CONTINUATION" in capsys.readouterr().err
     assert cli.main([*argv[:3], "--request", "40:6", "--method", "learned"]) != 0  # no scorer in this model
     assert "model.pruning.enabled=true" in capsys.readouterr().err
+
+
+def test_generate_help_states_the_defaults(capsys):
+    text = _help(capsys, "generate")
+    for option, default in (("--max-new-tokens", "(default 32)"), ("--budget", "default: the trained"),
+                            ("--exit-threshold", "default: the trained")):
+        line = " ".join(text.split(f"  {option} ")[1].split("\n  --")[0].split())
+        assert default in line, option
+    main_job = get_preset("cpu-small-pruned").model.pruning  # the README's first command trains it
+    assert (f"{main_job.inference_rule} rule, keep a token if sigmoid(score) >= {main_job.threshold:g}, at most "
+            f"{main_job.budget} KV-cache slots per pruned layer") in " ".join(text.split())
