@@ -41,7 +41,7 @@ def build(seq_len: int, batch: int, depth: DepthConfig):
 
 def forward_flops(config, state, tokens) -> tuple[float, float]:
     model = Transformer(config.model)
-    _, inter = jax.jit(lambda p, t: forward_with_stats(model, {"params": p, **state.extra}, t))(state.params, tokens)
+    _, inter = jax.jit(lambda v, t: forward_with_stats(model, v, t))(state.variables(), tokens)
     ledger = ledger_from_intermediates(config.model, inter)
     return ledger.computed, ledger.ideal
 

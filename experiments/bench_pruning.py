@@ -85,7 +85,7 @@ def bench_prefill(cfg: ModelConfig, params, args) -> dict:
 def filled_cache(model: Transformer, params, args, slots: int, context: int, pruned_cache: bool) -> dict:
     """A cache collection as it stands after ``context`` tokens (random keys/values): a full cache
     holds every position; a budget cache the sinks, the window and older survivors."""
-    template = gen.empty_cache(model, params, args.batch, slots)
+    template = gen.empty_cache(model, {"params": params}, args.batch, slots)
     rng = np.random.default_rng(0)
 
     def fill(layer):
@@ -109,7 +109,7 @@ def decode_loop(model: Transformer, steps: int, context: int):
         def step(state, i):
             cache, token = state
             pos = jnp.full(token.shape, context, jnp.int32) + i
-            logits, cache = gen.decode_step(model, params, cache, token, pos, jnp.ones(token.shape, bool))
+            logits, cache = gen.decode_step(model, {"params": params}, cache, token, pos, jnp.ones(token.shape, bool))
             return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
         (cache, token), _ = jax.lax.scan(step, (cache, token), jnp.arange(steps))
         return token

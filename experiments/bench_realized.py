@@ -204,13 +204,14 @@ def decoder(cfg: ModelConfig, params, batch: int, start: int, steps: int):
     """
     adaptive = cfg.depth.mod_enabled or cfg.depth.exit_enabled
     model = (generate_exit if adaptive else generate).decoding_model(cfg)
-    cache = generate.empty_cache(model, params, batch, start + steps)
+    variables = {"params": params}
+    cache = generate.empty_cache(model, variables, batch, start + steps)
 
     def one(c, tok, pos, ok):
         if adaptive:
-            logits, c, info = generate_exit.decode_step(model, params, c, tok, pos, ok)
+            logits, c, info = generate_exit.decode_step(model, variables, c, tok, pos, ok)
             return logits, c, info["layers_used"]
-        logits, c = generate.decode_step(model, params, c, tok, pos, ok)
+        logits, c = generate.decode_step(model, variables, c, tok, pos, ok)
         return logits, c, jnp.full(tok.shape, cfg.num_layers, jnp.int32)
 
     @jax.jit

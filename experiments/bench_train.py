@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
              "loss_mask": jnp.ones(tokens.shape, jnp.float32), "oracle_mask": jnp.zeros(tokens.shape, bool)}
 
-    _, inter = forward_with_stats(model, {"params": state.params, **state.extra}, tokens)
+    _, inter = forward_with_stats(model, state.variables(), tokens)
     train_flops = 3.0 * ledger_from_intermediates(config.model, inter).computed
 
     step = jax.jit(make_train_step(config, model))

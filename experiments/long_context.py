@@ -230,11 +230,11 @@ def method_config(model, method: str, budget: int, s: LongSizes):
     return pruning_method(model, name, budget, num_sinks=s.num_sinks, window=s.window, layers=layers)
 
 
-def evaluate_point(cfg, params, requests: Requests, s: LongSizes, task: str) -> dict:
+def evaluate_point(cfg, variables, requests: Requests, s: LongSizes, task: str) -> dict:
     """Quality, work and time of one config over the requests (:func:`ling_jax.request_eval.evaluate_requests`)."""
     from ling_jax.request_eval import evaluate_requests
 
-    return evaluate_requests(cfg, params, requests.prompt, requests.continuation, requests.scored,
+    return evaluate_requests(cfg, variables, requests.prompt, requests.continuation, requests.scored,
                              metric="accuracy" if task == "needle" else "bpb", oracle=requests.oracle,
                              batch_size=s.eval_batch)
 
@@ -380,7 +380,7 @@ def run(s: LongSizes, preset: str, root: Path, tasks: Sequence[str], seeds: int,
             for level, method, budget in todo:
                 trained = models["dense" if method not in models else method]
                 cfg = method_config(trained.model, method, budget, s)
-                point = evaluate_point(cfg, jax.device_put(trained.variables["params"]), requests[level], s, task)
+                point = evaluate_point(cfg, jax.device_put(trained.variables), requests[level], s, task)
                 if method == "dense":
                     dense_of[level] = {**point, "budget": budget}
                 d = dense_of[level]

@@ -75,7 +75,7 @@ def final_loads(workdir: Path, last_steps: int = 20) -> tuple[dict, dict, float]
     all validation batches (loads summed over the batches); validation ledger FLOPs per token."""
     cfg, model, state = load_trained(workdir)
     fwd = jax.jit(lambda v, tokens: forward_with_stats(model, v, tokens))
-    variables = {"params": state.params, **state.extra}
+    variables = state.variables()
     data = build_data(cfg)
     num_x = cfg.model.moe.num_experts
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                                                        "train.checkpoint_every": str(a.pretrain_steps)})
     dense = train(dense_cfg, root / "dense", progress=False)
     _, _, state = load_trained(root / "dense")
-    save_hf(root / "hf", dense_cfg.model, {"params": state.params, **state.extra}, "llama")
+    save_hf(root / "hf", dense_cfg.model, state.variables(), "llama")
     t = dense_cfg.train
     overrides = {"train.seq_len": str(t.seq_len), "train.batch_size": str(t.batch_size), "train.steps": str(a.finetune_steps),
                  "train.eval_batches": str(t.eval_batches), "train.learning_rate": "1e-3",

@@ -186,8 +186,7 @@ def _sweep(workdir, *, progress: bool, thresholds=None, budgets=None, baselines=
     config, _, state = load_trained(workdir)
     data = build_data(config)
     batches = [b.as_dict() for b in data.eval_batches()]
-    variables = {"params": state.params, **state.extra}
-    rows = pruning_sweep(config.model, variables, batches, data.metric, progress=progress,
+    rows = pruning_sweep(config.model, state.variables(), batches, data.metric, progress=progress,
                          thresholds=DEFAULT_THRESHOLDS if thresholds is None else thresholds,
                          budgets=budgets, baselines=baselines)
     sweep = {"step": int(state.step), "metric": data.metric, "batches": len(batches),
@@ -247,8 +246,6 @@ def _request_eval(args, config: Config, state) -> dict:
     """``eval --request P:C``: prompts of P bytes from the validation text, prefilled with
     ``--method`` at ``--budget`` KV slots per layer, continued C bytes through the cache; bits per
     byte of the continuation and the whole request's computed FLOPs against the dense model."""
-    import flax.linen as nn
-
     from ling_jax.data.corpus import load_corpus
     import numpy as np
 
@@ -273,11 +270,10 @@ def _request_eval(args, config: Config, state) -> dict:
     data = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
     prompts, continuations = text_requests(data, args.requests, prompt, continuation)
     scored = np.ones(continuations.shape, np.float32)
-    params = nn.meta.unbox(state.params)
     runs = {}
     for name in ("dense", args.method):
         cfg = pruning_method(config.model, name, args.budget)
-        runs[name] = evaluate_requests(cfg, params, prompts, continuations, scored, metric="bpb", batch_size=8)
+        runs[name] = evaluate_requests(cfg, state.variables(), prompts, continuations, scored, metric="bpb", batch_size=8)
     dense, mine = runs["dense"], runs[args.method]
     return {"step": int(state.step), "prompt": prompt, "continuation": continuation, "requests": args.requests,
             "method": args.method, "budget": args.budget, "bpb": mine["quality"], "dense_bpb": dense["quality"],
@@ -384,8 +380,9 @@ def cmd_export(args, extra) -> int:
 
 
 def cmd_generate(args, extra) -> int:
-    """Greedy continuation of --prompt from a workdir's latest checkpoint (pruned KV cache with
-    --budget, adaptive depth with --exit-threshold); text through the workdir's tokenizer or bytes."""
+    """Greedy continuation of --prompt from a workdir's latest checkpoint with the trained model's
+    inference settings (pruned KV cache, adaptive depth; --budget and --exit-threshold replace
+    them); text through the workdir's tokenizer or bytes."""
     import dataclasses
 
     import numpy as np
@@ -394,6 +391,8 @@ def cmd_generate(args, extra) -> int:
 
     if extra:
         raise ConfigError(f"ling-jax generate takes no config overrides, got {list(extra)}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     config, _, state = load_trained(args.workdir)
     m = config.model
     if config.data.tokenizer:
@@ -410,26 +409,32 @@ def cmd_generate(args, extra) -> int:
     if len(prompt) + args.max_new_tokens > m.max_seq_len:
         raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
                           f"the model's max_seq_len ({m.max_seq_len})")
-    if args.budget is not None:
-        if not m.pruning.enabled:
-            raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
-        m = dataclasses.replace(m, pruning=dataclasses.replace(m.pruning, mode="hard", inference_rule="budget",
-                                                               budget=args.budget))
-    params = state.params
     info: dict = {"prompt_tokens": int(len(prompt))}
-    if args.exit_threshold is not None:
-        if not m.depth.exit_enabled:
-            raise ConfigError("--exit-threshold needs a model with early exit (model.depth.exit_enabled)")
+    if args.budget is not None and not m.pruning.enabled:
+        raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
+    if m.pruning.enabled:  # hard masks under the trained rule, threshold and budget (--budget: the budget rule)
+        given = {} if args.budget is None else {"inference_rule": "budget", "budget": args.budget}
+        m = dataclasses.replace(m, pruning=dataclasses.replace(m.pruning, mode="hard", **given))
+        p = m.pruning
+        info["pruning"] = {"inference_rule": p.inference_rule, "budget": p.budget,
+                           **({"threshold": p.threshold} if p.inference_rule == "threshold" else {})}
+    if args.exit_threshold is not None and not m.depth.exit_enabled:
+        raise ConfigError("--exit-threshold needs a model with early exit (model.depth.exit_enabled)")
+    variables = state.variables()
+    if m.depth.exit_enabled or m.depth.mod_enabled:
         from ling_jax.generate_exit import generate as generate_exit
 
-        m = dataclasses.replace(m, depth=dataclasses.replace(m.depth, mode="infer", exit_threshold=args.exit_threshold))
-        out = generate_exit(m, params, prompt[None], args.max_new_tokens)
+        if args.exit_threshold is not None:
+            m = dataclasses.replace(m, depth=dataclasses.replace(m.depth, exit_threshold=args.exit_threshold))
+        if m.depth.exit_enabled:
+            info["exit_threshold"] = m.depth.exit_threshold
+        out = generate_exit(m, variables, prompt[None], args.max_new_tokens)
         tokens = np.asarray(out["tokens"])[0]
         info["mean_layers_used"] = float(np.mean(np.asarray(out["layers_used"])))
     else:
         from ling_jax.generate import generate
 
-        out = generate(m, params, prompt[None], max_new_tokens=args.max_new_tokens)
+        out = generate(m, variables, prompt[None], max_new_tokens=args.max_new_tokens)
         tokens = np.asarray(out.tokens)[0]
         info["kv_cache_bytes"] = int(out.cache_bytes)
     print(args.prompt + decode(tokens))
@@ -445,12 +450,23 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in --hf, if any)")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("generate", allow_abbrev=False, help="greedy continuation of a prompt from a workdir's latest checkpoint")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--budget", type=int, help="KV-cache slots per pruned layer (model trained with pruning)")
-    p.add_argument("--exit-threshold", type=float, help="early-exit threshold (model trained with early exit)")
+    main_job = get_preset("cpu-small-pruned").model.pruning
+    p = sub.add_parser("generate", allow_abbrev=False, help="greedy continuation of a prompt from a workdir's latest checkpoint",
+                       description=_wrap("Greedy continuation of --prompt from the latest checkpoint in --workdir, "
+                       "with the trained model's inference settings: a model trained with pruning decodes with hard "
+                       "masks under its model.pruning.inference_rule, threshold and budget (cpu-small-pruned: "
+                       f"{main_job.inference_rule} rule, keep a token if sigmoid(score) >= {main_job.threshold:g}, "
+                       f"at most {main_job.budget} KV-cache slots per pruned layer); one trained with early exit or "
+                       "Mixture-of-Depths decodes with its model.depth settings. The settings used are in the JSON "
+                       "line printed on stderr."), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a training workdir (or one from ling-jax convert)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--budget", type=int, metavar="B", help="model trained with pruning: decode under the budget rule "
+                   "with B KV-cache slots per pruned layer (default: the trained model.pruning.inference_rule, "
+                   "threshold and budget)")
+    p.add_argument("--exit-threshold", type=float, metavar="T", help="model trained with early exit: exit threshold "
+                   "(default: the trained model.depth.exit_threshold)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", allow_abbrev=False, help="write a workdir's latest checkpoint as a Hugging Face directory")

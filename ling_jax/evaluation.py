@@ -74,7 +74,7 @@ def _teacher_forced_fn(cfg: ModelConfig) -> Callable:
     from ling_jax.generate import teacher_forced_decode
 
     def f(variables, batch):
-        logits = teacher_forced_decode(cfg, variables["params"], batch["inputs"], oracle=batch["oracle_mask"])
+        logits = teacher_forced_decode(cfg, variables, batch["inputs"], oracle=batch["oracle_mask"])
         nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
         mask = batch["loss_mask"]
         correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask

@@ -11,13 +11,17 @@
   batched prompts of different lengths (left-padded; each row keeps its own positions).
 * :func:`teacher_forced_decode`: the logits of every position of given sequences, computed by
   decoding them token by token through the cache (how a cache policy is evaluated).
+
+Every function takes the model's ``variables``: ``{"params": ..., **state collections}`` as
+``model.init`` returns them or :meth:`ling_jax.train_state.TrainState.variables` builds them from a
+trained state (a model with an MoE routing bias needs its ``moe_bias`` collection).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,6 +72,14 @@ def decoding_model(config: ModelConfig) -> Transformer:
     return Transformer(dataclasses.replace(config, remat="none"))
 
 
+def model_variables(variables: Mapping) -> dict:
+    """``variables`` unboxed, refused if they are the params alone (see the module docstring)."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError("pass the model's variables {'params': ..., **state collections} (e.g. "
+                        "TrainState.variables()), not its params alone")
+    return nn.meta.unbox(dict(variables))
+
+
 def left_pad(prompts: Sequence[Sequence[int | np.integer]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Prompts of different lengths -> (tokens [B, T], valid [B, T]), right-aligned."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -102,15 +114,15 @@ def _state(op: str, slots: int, oracle: Optional[Array]) -> TokenState:
     return TokenState(cache_op=op, cache_slots=slots, oracle=oracle)
 
 
-def prefill(model: Transformer, params, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], *, slots: int,
+def prefill(model: Transformer, variables, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], *, slots: int,
             oracle: Optional[Bool[Array, "B T"]] = None) -> tuple[Float[Array, "B T V"], dict]:
     """Parallel prompt pass that fills every layer's cache; returns (logits, cache collection)."""
-    logits, state = model.apply({"params": params}, tokens, positions_of(valid), valid,
+    logits, state = model.apply(variables, tokens, positions_of(valid), valid,
                                 state=_state(kv_cache.PREFILL, slots, oracle), mutable=["cache"])
     return logits, state["cache"]
 
 
-def empty_cache(model: Transformer, params, batch: int, slots: int) -> dict:
+def empty_cache(model: Transformer, variables, batch: int, slots: int) -> dict:
     """A cache collection with every slot empty (a prefill of one invalid token)."""
     tokens = jnp.zeros((batch, 1), jnp.int32)
     oracle = jnp.zeros((batch, 1), bool) if model.config.pruning.baseline == "oracle" else None
@@ -118,24 +130,24 @@ def empty_cache(model: Transformer, params, batch: int, slots: int) -> dict:
     if cfg.pruning.enabled and cfg.pruning.baseline in ATTENTION_POLICIES:
         # The parallel pruner refuses attention-driven policies; the cache layout is that of any budget policy.
         cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, baseline="window"))
-    _, cache = prefill(Transformer(cfg), params, tokens, jnp.zeros((batch, 1), bool), slots=slots, oracle=oracle)
+    _, cache = prefill(Transformer(cfg), variables, tokens, jnp.zeros((batch, 1), bool), slots=slots, oracle=oracle)
     return cache
 
 
-def decode_step(model: Transformer, params, cache: dict, token: Int[Array, "B"], position: Int[Array, "B"],
+def decode_step(model: Transformer, variables, cache: dict, token: Int[Array, "B"], position: Int[Array, "B"],
                 valid: Bool[Array, "B"], oracle: Optional[Bool[Array, "B"]] = None) -> tuple[Float[Array, "B V"], dict]:
     """One token per row through every layer's cache; returns (logits, updated cache)."""
     logits, state = model.apply(
-        {"params": params, "cache": cache}, token[:, None], position[:, None], valid[:, None],
+        {**variables, "cache": cache}, token[:, None], position[:, None], valid[:, None],
         state=_state(kv_cache.DECODE, 0, None if oracle is None else oracle[:, None]), mutable=["cache"])
     return logits[:, 0], state["cache"]
 
 
-def _scan_tokens(model, params, cache, tokens, positions, valid, oracle):
+def _scan_tokens(model, variables, cache, tokens, positions, valid, oracle):
     """Decodes given tokens one position at a time: (logits [B, T, V], cache)."""
     def step(cache, xs):
         tok, pos, ok, orc = xs
-        logits, cache = decode_step(model, params, cache, tok, pos, ok, orc)
+        logits, cache = decode_step(model, variables, cache, tok, pos, ok, orc)
         return cache, logits
 
     orc = jnp.zeros_like(valid) if oracle is None else oracle
@@ -149,34 +161,34 @@ def _uses_attention_scores(config: ModelConfig) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _teacher_forced(config, params, tokens, valid, oracle, slots):
+def _teacher_forced(config, variables, tokens, valid, oracle, slots):
     model = decoding_model(config)
-    cache = empty_cache(model, params, tokens.shape[0], slots)
+    cache = empty_cache(model, variables, tokens.shape[0], slots)
     oracle = oracle if config.pruning.baseline == "oracle" else None
-    return _scan_tokens(model, params, cache, tokens, positions_of(valid), valid, oracle)[0]
+    return _scan_tokens(model, variables, cache, tokens, positions_of(valid), valid, oracle)[0]
 
 
-def teacher_forced_decode(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None,
+def teacher_forced_decode(config: ModelConfig, variables, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None,
                           *, oracle: Optional[Bool[HostArray, "B T"]] = None) -> Float[Array, "B T V"]:
     """Logits at every position, computed by decoding the sequence token by token through the
     (pruned) KV cache: each prediction sees exactly what the cache holds at that point."""
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     oracle = jnp.zeros(tokens.shape, bool) if oracle is None else jnp.asarray(oracle, bool)
-    return _teacher_forced(config, nn.meta.unbox(params), jnp.asarray(tokens, jnp.int32), valid, oracle, tokens.shape[1])
+    return _teacher_forced(config, model_variables(variables), jnp.asarray(tokens, jnp.int32), valid, oracle, tokens.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id"))
-def _generate(config, params, tokens, valid, oracle, rng, max_new_tokens, sampling, eos_id):
+def _generate(config, variables, tokens, valid, oracle, rng, max_new_tokens, sampling, eos_id):
     model = decoding_model(config)
     b, t = tokens.shape
     slots = t + max_new_tokens  # unpruned layers hold the whole context
     positions = positions_of(valid)
     oracle = oracle if config.pruning.baseline == "oracle" else None
     if _uses_attention_scores(config):
-        cache = empty_cache(model, params, b, slots)
-        logits, cache = _scan_tokens(model, params, cache, tokens, positions, valid, oracle)
+        cache = empty_cache(model, variables, b, slots)
+        logits, cache = _scan_tokens(model, variables, cache, tokens, positions, valid, oracle)
     else:
-        logits, cache = prefill(model, params, tokens, valid, slots=slots, oracle=oracle)
+        logits, cache = prefill(model, variables, tokens, valid, slots=slots, oracle=oracle)
     next_pos = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
 
     def step(state, rng_t):
@@ -186,7 +198,7 @@ def _generate(config, params, tokens, valid, oracle, rng, max_new_tokens, sampli
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)
         no_oracle = None if oracle is None else jnp.zeros((b,), bool)
-        new_logits, cache = decode_step(model, params, cache, token, pos, jnp.ones((b,), bool), no_oracle)
+        new_logits, cache = decode_step(model, variables, cache, token, pos, jnp.ones((b,), bool), no_oracle)
         return (cache, new_logits, pos + 1, done), (token, last_logits)
 
     init = (cache, logits[:, -1], next_pos, jnp.zeros((b,), bool))
@@ -194,13 +206,13 @@ def _generate(config, params, tokens, valid, oracle, rng, max_new_tokens, sampli
     return out.T, jnp.swapaxes(out_logits, 0, 1), cache
 
 
-def generate(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None, *,
+def generate(config: ModelConfig, variables, tokens: Int[HostArray, "B T"], valid: Optional[Bool[HostArray, "B T"]] = None, *,
              max_new_tokens: int, sampling: Sampling = Sampling(), rng: Optional[jax.Array] = None,
              oracle: Optional[Bool[HostArray, "B T"]] = None, eos_id: Optional[int] = None) -> Generation:
     """Generates ``max_new_tokens`` per row after left-padded prompts (see :func:`left_pad`).
 
-    ``params`` are the model parameters (unboxed or boxed); ``oracle`` is the oracle mask of the
-    prompt (baseline ``"oracle"``; generated tokens are not oracle tokens).
+    ``variables`` are the model's (unboxed or boxed; see the module docstring); ``oracle`` is the
+    oracle mask of the prompt (baseline ``"oracle"``; generated tokens are not oracle tokens).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -208,6 +220,6 @@ def generate(config: ModelConfig, params, tokens: Int[HostArray, "B T"], valid: 
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     oracle = jnp.zeros(tokens.shape, bool) if oracle is None else jnp.asarray(oracle, bool)
     rng = jax.random.key(0) if rng is None else rng
-    out, logits, cache = _generate(config, nn.meta.unbox(params), tokens, valid, oracle, rng,
+    out, logits, cache = _generate(config, model_variables(variables), tokens, valid, oracle, rng,
                                    max_new_tokens, sampling, eos_id)
     return Generation(tokens=out, logits=logits, cache=cache, cache_bytes=kv_cache.nbytes(cache))

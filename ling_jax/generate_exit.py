@@ -15,6 +15,9 @@ Layers under hard token pruning keep the budgeted, evicting cache of :mod:`ling_
 A parallel prefill would store in each layer the keys visible to the row's last *live* query,
 which misses later tokens that exited; prompts are therefore fed token by token
 (:func:`teacher_forced`), which is also how decoding is checked against the forward pass.
+
+Every function takes the model's ``variables`` (``{"params": ..., **state collections}``, as in
+:mod:`ling_jax.generate`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.config import ConfigError, ModelConfig
-from ling_jax.generate import empty_cache, positions_of
+from ling_jax.generate import empty_cache, model_variables, positions_of
 from ling_jax.layers import kv_cache
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
@@ -51,23 +54,23 @@ def _info(model: Transformer, depth_state: dict, b: int) -> dict[str, Array]:
     return {"exit_layer": depth_state.get("exit_layer", (never,))[0], "layers_used": used}
 
 
-def decode_step(model: Transformer, params, cache: dict, token: Int[Array, "B"], position: Int[Array, "B"],
+def decode_step(model: Transformer, variables, cache: dict, token: Int[Array, "B"], position: Int[Array, "B"],
                 valid: Bool[Array, "B"], forced_exit: Optional[Int[Array, "B"]] = None
                 ) -> tuple[Float[Array, "B V"], dict, dict[str, Array]]:
     """One token per row through every layer's cache: (logits, cache, {exit_layer, layers_used} [B])."""
     logits, state = model.apply(
-        {"params": params, "cache": cache}, token[:, None], position[:, None], valid[:, None],
+        {**variables, "cache": cache}, token[:, None], position[:, None], valid[:, None],
         forced_exit=None if forced_exit is None else forced_exit[:, None], state=TokenState(cache_op=kv_cache.DECODE),
         mutable=["cache", "depth"])
     info = {k: v[:, 0] for k, v in _info(model, state["depth"], token.shape[0]).items()}
     return logits[:, 0], state["cache"], info
 
 
-def _scan(model, params, cache, tokens, positions, valid, forced_exit):
+def _scan(model, variables, cache, tokens, positions, valid, forced_exit):
     """Decodes given tokens one position at a time: (logits [B, T, V], cache, info [B, T])."""
     def step(cache, xs):
         tok, pos, ok, forced = xs
-        logits, cache, info = decode_step(model, params, cache, tok, pos, ok, forced)
+        logits, cache, info = decode_step(model, variables, cache, tok, pos, ok, forced)
         return cache, (logits, info)
 
     xs = (tokens.T, positions.T, valid.T, None if forced_exit is None else forced_exit.T)  # scan over T
@@ -76,13 +79,13 @@ def _scan(model, params, cache, tokens, positions, valid, forced_exit):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _teacher_forced(config, params, tokens, valid, forced_exit, slots):
+def _teacher_forced(config, variables, tokens, valid, forced_exit, slots):
     model = decoding_model(config)
-    cache = empty_cache(model, params, tokens.shape[0], slots)
-    return _scan(model, params, cache, tokens, positions_of(valid), valid, forced_exit)
+    cache = empty_cache(model, variables, tokens.shape[0], slots)
+    return _scan(model, variables, cache, tokens, positions_of(valid), valid, forced_exit)
 
 
-def teacher_forced(config: ModelConfig, params, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None,
+def teacher_forced(config: ModelConfig, variables, tokens: Int[Array, "B T"], valid: Optional[Bool[Array, "B T"]] = None,
                    *, forced_exit: Optional[Int[Array, "B T"]] = None) -> tuple[Float[Array, "B T V"], dict, dict]:
     """Decodes given sequences token by token through the cache.
 
@@ -91,21 +94,21 @@ def teacher_forced(config: ModelConfig, params, tokens: Int[Array, "B T"], valid
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    return _teacher_forced(config, params, tokens, valid, forced_exit, tokens.shape[1])
+    return _teacher_forced(config, model_variables(variables), tokens, valid, forced_exit, tokens.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"))
-def _generate(config, params, prompt, valid, steps):
+def _generate(config, variables, prompt, valid, steps):
     model = decoding_model(config)
     b, t = prompt.shape
-    cache = empty_cache(model, params, b, t + steps)
-    logits, cache, info = _scan(model, params, cache, prompt, positions_of(valid), valid, None)
+    cache = empty_cache(model, variables, b, t + steps)
+    logits, cache, info = _scan(model, variables, cache, prompt, positions_of(valid), valid, None)
     pos0 = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
 
     def step(state, _):
         cache, last_logits, last_info, pos = state
         token = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
-        new_logits, cache, new_info = decode_step(model, params, cache, token, pos, jnp.ones((b,), bool))
+        new_logits, cache, new_info = decode_step(model, variables, cache, token, pos, jnp.ones((b,), bool))
         return (cache, new_logits, new_info, pos + 1), (token, last_info)
 
     last_info = {k: v[:, -1] for k, v in info.items()}
@@ -113,7 +116,7 @@ def _generate(config, params, prompt, valid, steps):
     return tokens.T, {k: v.T for k, v in infos.items()}
 
 
-def generate(config: ModelConfig, params, prompt: Int[Array, "B P"], steps: int,
+def generate(config: ModelConfig, variables, prompt: Int[Array, "B P"], steps: int,
              valid: Optional[Bool[Array, "B P"]] = None) -> dict[str, Array]:
     """Greedy decoding with adaptive depth after (left-padded) prompts.
 
@@ -124,5 +127,5 @@ def generate(config: ModelConfig, params, prompt: Int[Array, "B P"], steps: int,
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     prompt = jnp.asarray(prompt, jnp.int32)
     valid = jnp.ones(prompt.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    tokens, info = _generate(config, params, prompt, valid, steps)
+    tokens, info = _generate(config, model_variables(variables), prompt, valid, steps)
     return {"tokens": tokens, **info}

@@ -28,7 +28,6 @@ import math
 import time
 from typing import NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +36,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ling_jax.array_types import HostArray
 from ling_jax.config import ConfigError, ModelConfig, PruningConfig
-from ling_jax.generate import decoding_model, positions_of
+from ling_jax.generate import decoding_model, model_variables, positions_of
 from ling_jax.layers import kv_cache
 from ling_jax.ledger import ledger_from_intermediates
 from ling_jax.policy import InferencePolicy, as_traced, inference_policy
@@ -62,11 +61,11 @@ def _sum_leaves(tree):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, oracle, policy, slots):
+def _request(config: ModelConfig, variables, prompt, prompt_valid, continuation, oracle, policy, slots):
     model = decoding_model(config)
     b, p = prompt.shape
     prompt_logits, state = model.apply(
-        {"params": params}, prompt, positions_of(prompt_valid), prompt_valid,
+        variables, prompt, positions_of(prompt_valid), prompt_valid,
         state=TokenState(cache_op=kv_cache.PREFILL, cache_slots=slots,
                          oracle=oracle if config.pruning.baseline == "oracle" else None),
         policy=policy, last_only=True, mutable=["cache", "intermediates"])  # [B, 1, V]: only the next token
@@ -78,7 +77,7 @@ def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, or
     def step(cache, xs):
         token, offset = xs
         logits, new_state = model.apply(
-            {"params": params, "cache": cache}, token[:, None], (start + offset)[:, None], ones[:, None],
+            {**variables, "cache": cache}, token[:, None], (start + offset)[:, None], ones[:, None],
             state=TokenState(cache_op=kv_cache.DECODE, oracle=None if no_oracle is None else no_oracle[:, None]),
             policy=policy, mutable=["cache", "intermediates"])
         return new_state["cache"], (logits[:, 0], _sum_leaves(new_state["intermediates"]))
@@ -89,14 +88,15 @@ def _request(config: ModelConfig, params, prompt, prompt_valid, continuation, or
     return logits, cache, _sum_leaves(prefill_stats), _sum_leaves(step_stats)
 
 
-def run_request(config: ModelConfig, params, prompt: Int[HostArray, "B P"], continuation: Int[HostArray, "B C"], *,
+def run_request(config: ModelConfig, variables, prompt: Int[HostArray, "B P"], continuation: Int[HostArray, "B C"], *,
                 prompt_valid: Optional[Bool[HostArray, "B P"]] = None, oracle: Optional[Bool[HostArray, "B P"]] = None,
                 policy: Optional[InferencePolicy] = None) -> RequestResult:
     """Prefills ``prompt`` (left-padded where ``prompt_valid`` is False) with ``config``'s
     mechanisms, then teacher-forces ``continuation`` through the cache (see the module docstring).
 
-    ``oracle`` is the prompt's oracle mask (baseline ``"oracle"``); ``policy`` the call-time
-    thresholds (traced: a sweep compiles once)."""
+    ``variables`` are the model's (``{"params": ..., **state collections}``); ``oracle`` is the
+    prompt's oracle mask (baseline ``"oracle"``); ``policy`` the call-time thresholds (traced: a
+    sweep compiles once)."""
     if config.depth.mod_enabled or config.depth.exit_enabled:
         raise ConfigError("run_request prefills in parallel, which adaptive depth does not support yet: set "
                           "model.depth.mod_enabled=false and model.depth.exit_enabled=false (or decode the prompt "
@@ -108,7 +108,7 @@ def run_request(config: ModelConfig, params, prompt: Int[HostArray, "B P"], cont
     oracle = jnp.zeros(prompt.shape, bool) if oracle is None else jnp.asarray(oracle, bool)
     policy = as_traced(policy if policy is not None else inference_policy(config))
     slots = prompt.shape[1] + continuation.shape[1]  # unpruned layers hold the whole request
-    logits, cache, pre, steps = _request(config, nn.meta.unbox(params), prompt, prompt_valid,
+    logits, cache, pre, steps = _request(config, model_variables(variables), prompt, prompt_valid,
                                          jnp.asarray(continuation, jnp.int32), oracle, policy, slots)
     pre_ledger = ledger_from_intermediates(config, jax.device_get(pre))
     step_ledger = ledger_from_intermediates(config, jax.device_get(steps))
@@ -150,7 +150,7 @@ def pruning_method(model: ModelConfig, method: str, budget: int, *, num_sinks: i
     return dataclasses.replace(model, pruning=PruningConfig(enabled=True, layers=layers, baseline=method, **fields))
 
 
-def evaluate_requests(config: ModelConfig, params, prompts: np.ndarray, continuations: np.ndarray, scored: np.ndarray,
+def evaluate_requests(config: ModelConfig, variables, prompts: np.ndarray, continuations: np.ndarray, scored: np.ndarray,
                       *, metric: str, oracle: Optional[np.ndarray] = None, batch_size: int = 16) -> dict:
     """Quality and work of ``config`` over requests: ``metric="accuracy"`` (argmax equals the
     continuation token where ``scored``) or ``"bpb"`` (bits per token of the scored continuation
@@ -166,9 +166,9 @@ def evaluate_requests(config: ModelConfig, params, prompts: np.ndarray, continua
         prompt, cont, score = prompts[i:i + batch_size], continuations[i:i + batch_size], scored[i:i + batch_size]
         evidence = None if oracle is None else oracle[i:i + batch_size]
         if i == 0:  # compile and warm up outside the timed calls
-            jax.block_until_ready(run_request(config, params, prompt, cont, oracle=evidence).logits)
+            jax.block_until_ready(run_request(config, variables, prompt, cont, oracle=evidence).logits)
         start = time.perf_counter()
-        out = run_request(config, params, prompt, cont, oracle=evidence)
+        out = run_request(config, variables, prompt, cont, oracle=evidence)
         logits = np.asarray(jax.block_until_ready(out.logits))
         seconds += time.perf_counter() - start
         n = float(np.sum(score))

@@ -84,3 +84,20 @@ def fast_compile() -> Iterator[None]:
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", old)
+
+
+def greedy_by_forward(config, variables: dict, prompt, steps: int) -> np.ndarray:
+    """``steps`` greedy tokens after ``prompt`` [B, P] by a loop of full forward passes of
+    ``Transformer(config)``: the reference that KV-cache decoding is checked against. Each pass
+    reads the logits after the last token chosen so far; the sequence is right-padded to
+    ``P + steps`` so one compiled program serves every pass (a causal model's logits at a
+    position do not depend on later tokens)."""
+    from ling_jax.model import Transformer
+
+    p = prompt.shape[1]
+    seq = np.zeros((prompt.shape[0], p + steps), np.int32)
+    seq[:, :p] = prompt
+    forward = jax.jit(Transformer(config).apply)
+    for i in range(steps):
+        seq[:, p + i] = np.argmax(np.asarray(forward(variables, seq))[:, p + i - 1], axis=-1)
+    return seq[:, p:]

@@ -72,21 +72,21 @@ def _decode_fns(cfg: ModelConfig, slots: int, steps: int) -> tuple[Callable, Cal
     oracle_policy = cfg.pruning.enabled and cfg.pruning.baseline == "oracle"
 
     @jax.jit
-    def fill(params, tokens, oracle):
+    def fill(variables, tokens, oracle):
         b = tokens.shape[0]
         if attention_policy:  # scores come from decoding; the cache arrays have the same shapes
-            return empty_cache(model, params, b, slots)
+            return empty_cache(model, variables, b, slots)
         valid = jnp.ones(tokens.shape, bool)
-        return prefill(model, params, tokens, valid, slots=slots, oracle=oracle if oracle_policy else None)[1]
+        return prefill(model, variables, tokens, valid, slots=slots, oracle=oracle if oracle_policy else None)[1]
 
     @jax.jit
-    def run(params, cache, token, position):
+    def run(variables, cache, token, position):
         b = token.shape[0]
         ones, none = jnp.ones((b,), bool), (jnp.zeros((b,), bool) if oracle_policy else None)
 
         def step(carry, _):
             cache, tok, pos = carry
-            logits, cache = decode_step(model, params, cache, tok, pos, ones, none)
+            logits, cache = decode_step(model, variables, cache, tok, pos, ones, none)
             return (cache, jnp.argmax(logits, -1).astype(jnp.int32), pos + 1), None
 
         (_, tok, _), _ = jax.lax.scan(step, (cache, token, position), None, length=steps)
@@ -115,8 +115,8 @@ def time_decode_relative(cfg: ModelConfig, variables: dict, dense_variables: dic
     calls = {}
     for name, c, vs in (("variant", cfg, variables), ("dense", dense_of(cfg), dense_variables)):
         fill, run = _decode_fns(c, slots, new_tokens)
-        params = nn.meta.unbox(vs["params"])
-        calls[name] = (run, (params, fill(params, prompt, oracle), token, position))
+        vs = nn.meta.unbox(vs)
+        calls[name] = (run, (vs, fill(vs, prompt, oracle), token, position))
     t = median_times(calls, repeats)
     variant, dense = t["variant"] / new_tokens, t["dense"] / new_tokens
     return {"decode_s_per_token": variant, "dense_decode_s_per_token": dense, "decode_rel": variant / dense}

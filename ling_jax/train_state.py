@@ -38,6 +38,12 @@ class TrainState:
     opt_state: Any
     extra: Any  # non-trained variable collections, e.g. {"moe_bias": ...}
 
+    def variables(self) -> dict:
+        """What ``Transformer.apply`` takes for this state: ``params`` and every state collection
+        (e.g. MoE routing biases). Whatever applies a trained model passes these, never the
+        params alone: a model with a routing bias needs its ``moe_bias`` collection."""
+        return {"params": self.params, **self.extra}
+
 
 def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     t = config.train

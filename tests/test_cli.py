@@ -108,3 +108,14 @@ def test_two_spellings_of_one_field_must_agree(tmp_path, capsys):
     args = cli.make_parser().parse_known_args([
         "train", "--preset", "cpu-tiny", "--workdir", str(workdir), "--steps", "3", "--train.steps", "3"])
     assert cli.build_config(*args).train.steps == 3  # agreeing spellings are fine
+
+
+def test_generate_help_states_the_defaults(capsys):
+    text = _help(capsys, "generate")
+    for option, default in (("--max-new-tokens", "(default 32)"), ("--budget", "default: the trained"),
+                            ("--exit-threshold", "default: the trained")):
+        line = " ".join(text.split(f"  {option} ")[1].split("\n  --")[0].split())
+        assert default in line, option
+    main_job = get_preset("cpu-small-pruned").model.pruning  # the README's first command trains it
+    assert (f"{main_job.inference_rule} rule, keep a token if sigmoid(score) >= {main_job.threshold:g}, at most "
+            f"{main_job.budget} KV-cache slots per pruned layer") in " ".join(text.split())

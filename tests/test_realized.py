@@ -206,7 +206,7 @@ def test_early_exit_decode_step_ledger_matches_xla(params, tokens, buckets):
     cfg = cfg_with(depth={**EXIT, "infer_buckets": buckets})
     model = generate_exit.decoding_model(cfg)
     p = subset(params, cfg)
-    cache = generate_exit.empty_cache(model, p, B, 8)
+    cache = generate_exit.empty_cache(model, {"params": p}, B, 8)
     from ling_jax.layers import kv_cache
 
     def step(p, cache, tok):
@@ -230,7 +230,7 @@ def test_decoding_with_everything_exited_still_equals_the_forward(params, tokens
     cfg = cfg_with(depth={**EXIT, "exit_threshold": 0.0})
     p = subset(params, cfg)
     with fast_compile():
-        decoded, _, info = generate_exit.teacher_forced(cfg, p, tokens[:, :16])
+        decoded, _, info = generate_exit.teacher_forced(cfg, {"params": p}, tokens[:, :16])
     assert np.all(np.asarray(info["exit_layer"]) == 0)
     forward, _, _, _ = run(cfg, params, tokens[:, :16], fast=True, exit_threshold=0.0)
     assert_close(decoded, forward)
@@ -302,7 +302,7 @@ def test_everything_combined_decodes_like_the_forward(params, tokens):
                               depth=dataclasses.replace(COMPACTED.depth, exit_threshold=0.0, mod_threshold=0.5))
     p = subset(params, cfg)
     with fast_compile():
-        decoded, _, info = generate_exit.teacher_forced(cfg, p, tokens[:, :16])
+        decoded, _, info = generate_exit.teacher_forced(cfg, {"params": p}, tokens[:, :16])
     plain = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, compaction=False))
     forward, _, decisions, _ = run(plain, params, tokens[:, :16], fast=True, exit_threshold=0.0, mod_threshold=0.5)
     np.testing.assert_array_equal(np.asarray(info["exit_layer"]), np.asarray(decisions["exit_layer"][0]))

@@ -25,8 +25,8 @@ PRUNED = dataclasses.replace(BASE, pruning=PruningConfig(enabled=True, mode="har
 
 
 @pytest.fixture(scope="module")
-def params():
-    return nn.meta.unbox(jax.jit(lambda k: init_params(Transformer(PRUNED), k))(jax.random.key(0)))
+def variables():
+    return {"params": nn.meta.unbox(jax.jit(lambda k: init_params(Transformer(PRUNED), k))(jax.random.key(0)))}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,10 @@ def request_tokens():
     return tokens[:, :P], tokens[:, P:]
 
 
-def test_dense_request_equals_the_forward_pass_and_its_flops(params, request_tokens):
+def test_dense_request_equals_the_forward_pass_and_its_flops(variables, request_tokens):
     prompt, cont = request_tokens
-    dense_params = {k: v for k, v in params.items()}
-    out = run_request(BASE, dense_params, prompt, cont)
-    full = Transformer(BASE).apply({"params": dense_params}, jnp.concatenate([prompt, cont], axis=1))
+    out = run_request(BASE, variables, prompt, cont)
+    full = Transformer(BASE).apply(variables, jnp.concatenate([prompt, cont], axis=1))
     assert_close(out.logits, full[:, P - 1:P + C - 1])
     # Prefill of P tokens with the output head on the last one only, then C - 1 decoding steps.
     head_flops = 2 * BASE.d_model * BASE.vocab_size
@@ -49,21 +48,21 @@ def test_dense_request_equals_the_forward_pass_and_its_flops(params, request_tok
     assert np.isfinite(nll) and nll > 0
 
 
-def test_pruned_request_computes_less_and_holds_a_smaller_cache(params, request_tokens):
+def test_pruned_request_computes_less_and_holds_a_smaller_cache(variables, request_tokens):
     prompt, cont = request_tokens
-    dense = run_request(dense_of(PRUNED), params, prompt, cont)
-    pruned = run_request(PRUNED, params, prompt, cont)
+    dense = run_request(dense_of(PRUNED), variables, prompt, cont)
+    pruned = run_request(PRUNED, variables, prompt, cont)
     assert pruned.logits.shape == (B, C, BASE.vocab_size) and bool(jnp.all(jnp.isfinite(pruned.logits)))
     assert pruned.computed_flops < dense.computed_flops
     assert pruned.cache_bytes < dense.cache_bytes
 
 
-def test_compaction_starting_in_the_pruning_layer_changes_no_prediction_and_computes_less(params, request_tokens):
+def test_compaction_starting_in_the_pruning_layer_changes_no_prediction_and_computes_less(variables, request_tokens):
     # Only dropped tokens' own outputs change (nothing of a request reads them): the kept tokens see
     # the same keys, so the cache and every continuation prediction are the same.
     prompt, cont = request_tokens
     early_cfg = dataclasses.replace(PRUNED, pruning=dataclasses.replace(PRUNED.pruning, compaction_start="this_layer"))
-    late, early = run_request(PRUNED, params, prompt, cont), run_request(early_cfg, params, prompt, cont)
+    late, early = run_request(PRUNED, variables, prompt, cont), run_request(early_cfg, variables, prompt, cont)
     assert_close(early.logits, late.logits)
     assert early.cache_bytes == late.cache_bytes
     assert early.computed_flops < late.computed_flops
@@ -71,25 +70,25 @@ def test_compaction_starting_in_the_pruning_layer_changes_no_prediction_and_comp
         PruningConfig(enabled=True, mode="hard", compaction_start="this_layer")
 
 
-def test_adaptive_depth_and_empty_continuations_are_refused(params, request_tokens):
+def test_adaptive_depth_and_empty_continuations_are_refused(variables, request_tokens):
     prompt, cont = request_tokens
     with pytest.raises(ConfigError, match=r"model.depth.exit_enabled=false"):
-        run_request(dataclasses.replace(BASE, depth=DepthConfig(exit_enabled=True, mode="infer")), params, prompt, cont)
+        run_request(dataclasses.replace(BASE, depth=DepthConfig(exit_enabled=True, mode="infer")), variables, prompt, cont)
     with pytest.raises(ValueError, match=r"at least one token"):
-        run_request(BASE, params, prompt, cont[:, :0])
+        run_request(BASE, variables, prompt, cont[:, :0])
 
 
 @pytest.mark.parametrize("baseline", ["h2o", "tova", "snapkv"])
-def test_attention_driven_baselines_prefill_in_one_pass(params, request_tokens, baseline):
+def test_attention_driven_baselines_prefill_in_one_pass(variables, request_tokens, baseline):
     prompt, cont = request_tokens
     cfg = dataclasses.replace(PRUNED, pruning=dataclasses.replace(PRUNED.pruning, baseline=baseline,
                                                                   compaction_start="this_layer"))
-    out = run_request(cfg, params, prompt, cont)
-    dense = run_request(dense_of(cfg), params, prompt, cont)
+    out = run_request(cfg, variables, prompt, cont)
+    dense = run_request(dense_of(cfg), variables, prompt, cont)
     assert bool(jnp.all(jnp.isfinite(out.logits)))
     assert out.cache_bytes < dense.cache_bytes and out.computed_flops < dense.computed_flops
     with pytest.raises(ValueError, match=r"not a plain forward pass"):
-        Transformer(cfg).apply({"params": params}, prompt)
+        Transformer(cfg).apply(variables, prompt)
 
 
 def test_received_attention_sums_to_one_per_query_and_head():

@@ -2,7 +2,8 @@
 
 A cache is a dict of arrays (one per attention layer, in the flax ``"cache"`` collection):
 
-``k``, ``v``  [B, S, Hkv, D]  keys (after RoPE) and values of the held tokens
+``k``, ``v``  [B, S, Hkv, D]  keys (after RoPE) and values of the held tokens (MLA: values
+                              [B, S, Hkv, Dv], their own head size)
 ``pos``       [B, S] int32    position of the token in each slot, ``-1`` for an empty slot
 ``score``     [B, S] float32  eviction priority (higher = keep): the pruner's score, or the
                               attention the key received (H2O: accumulated, TOVA: last query)
@@ -79,7 +80,7 @@ def write(
     cache: Cache,
     slot: Int[Array, "B"],
     k: Float[Array, "B Hkv D"],
-    v: Float[Array, "B Hkv D"],
+    v: Float[Array, "B Hkv Dv"],
     pos: Int[Array, "B"],
     score: Float[Array, "B"],
     keep: Bool[Array, "B"],
@@ -101,7 +102,7 @@ def visible(cache: Cache, q_pos: Int[Array, "B"], q_valid: Bool[Array, "B"], num
     return seen & (cache["keep"] | protected(pos, q_pos, num_sinks, window))
 
 
-def attend(q: Float[Array, "B H D"], cache: Cache, vis: Bool[Array, "B S"]) -> tuple[Float[Array, "B H D"], Float[Array, "B H S"]]:
+def attend(q: Float[Array, "B H D"], cache: Cache, vis: Bool[Array, "B S"]) -> tuple[Float[Array, "B H Dv"], Float[Array, "B H S"]]:
     """One query per row against the cache: (output, attention probabilities), float32 softmax."""
     b, h, d = q.shape
     hkv = cache["k"].shape[2]
@@ -143,7 +144,7 @@ def held_by_last_query(mask) -> Bool[Array, "B T"]:
 
 def from_sequence(
     k: Float[Array, "B T Hkv D"],
-    v: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv Dv"],
     positions: Int[Array, "B T"],
     held: Bool[Array, "B T"],
     rank: Float[Array, "B T"],

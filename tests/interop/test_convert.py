@@ -129,12 +129,17 @@ def test_export_after_fine_tuning_round_trips(converted, tmp_path, capsys):
 
 
 def test_generate_from_the_converted_workdir(converted, capsys):
-    assert main(["generate", "--workdir", str(converted), "--prompt", "def f(x):", "--max-new-tokens", "6",
-                 "--budget", "16"]) == 0
+    """With the trained inference settings by default: soft pruning masks in training, hard ones
+    under the config's rule, threshold and budget in decoding."""
+    assert main(["generate", "--workdir", str(converted), "--prompt", "def f(x):", "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("def f(x):")
     info = json.loads(captured.err.strip().splitlines()[-1])
     assert info["new_tokens"] == 6 and info["kv_cache_bytes"] > 0
+    assert info["pruning"] == {"inference_rule": "threshold", "threshold": 0.5, "budget": 16}
+    for count in ("-1", "0"):
+        assert main(["generate", "--workdir", str(converted), "--prompt", "x", "--max-new-tokens", count]) == 2
+        assert capsys.readouterr().err == f"ling-jax: error: --max-new-tokens must be >= 1, got {count}\n"
     assert main(["generate", "--workdir", str(converted), "--prompt", "x", "--exit-threshold", "0.5"]) == 2
     assert "needs a model with early exit" in capsys.readouterr().err
     assert main(["generate", "--workdir", str(converted), "--prompt", "x", "--max-new-tokens", "100"]) == 2

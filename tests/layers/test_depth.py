@@ -335,7 +335,7 @@ def _attention_inputs(cfg, params, tokens, forced_exit):
 
 
 def test_decoding_equals_teacher_forced_forward_with_same_decisions(params, tokens, decode_cfg):
-    decoded, cache, info = generate_exit.teacher_forced(decode_cfg, params, tokens)
+    decoded, cache, info = generate_exit.teacher_forced(decode_cfg, {"params": params}, tokens)
     exit_layer = info["exit_layer"]
     n_exit = int((exit_layer < decode_cfg.num_layers - 1).sum())
     assert 0 < n_exit < B * T, "want a mix of exited and full-depth tokens"
@@ -361,7 +361,7 @@ def test_decoding_equals_teacher_forced_forward_with_same_decisions(params, toke
 
 def test_generate_matches_teacher_forced_greedy(params, tokens, decode_cfg):
     prompt, steps = tokens[:, :6], 8
-    out = generate_exit.generate(decode_cfg, params, prompt, steps)
+    out = generate_exit.generate(decode_cfg, {"params": params}, prompt, steps)
     full = jnp.concatenate([prompt, out["tokens"][:, :-1]], axis=1)  # [B, 6 + 7]
     logits, state = apply_fn(decode_cfg)(params, full)
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 5:], -1)), np.asarray(out["tokens"]))

@@ -75,7 +75,7 @@ def test_mscale_scales_the_softmax(params):
 def test_kv_cache_decoding_equals_the_forward(params):
     """Token-by-token decoding through the (up-projected) per-head cache gives the parallel logits."""
     forward = jax.jit(Transformer(CFG).apply)({"params": params}, TOKENS)
-    assert_close(teacher_forced_decode(CFG, params, TOKENS), forward)
+    assert_close(teacher_forced_decode(CFG, {"params": params}, TOKENS), forward)
 
 
 def test_budget_pruning_with_compaction(params):
