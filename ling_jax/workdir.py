@@ -7,7 +7,8 @@
   (``schedule_steps``, fixed by the run that started the workdir). It is written atomically
   (temporary file + ``os.replace``) and only after a successful restore or the first save.
 * ``metrics.jsonl`` is truncated on resume to the restored step; a partial last line (a killed
-  writer) or any unparsable line is dropped.
+  writer) or any unparsable line is dropped. A write that fails (a full disk) is a
+  :class:`WorkdirError` naming the file.
 """
 
 from __future__ import annotations
@@ -124,11 +125,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WorkdirError(f"cannot write {path} ({e.strerror or e}); the previous version is unchanged") from e
 
 
 def write_record(workdir: Path, config: Config, *, schedule_steps: int) -> None:
@@ -218,3 +223,37 @@ def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] =
     if dropped:
         log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")
     atomic_write(path, "".join(line + "\n" for line in keep).encode())
+
+
+class MetricsFile:
+    """``metrics.jsonl`` opened for appending, unbuffered: each line reaches the file when it is
+    written, and a write that fails (a full disk) is a WorkdirError naming the file (closing it
+    has nothing left to flush, so no second error hides the first)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            raise self._error(e) from e
+
+    def _error(self, e: OSError) -> WorkdirError:
+        return WorkdirError(f"cannot write {self.path} ({e.strerror or e}); the checkpoints are intact: free "
+                            "space and rerun the same command to resume from the last one")
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as e:
+            raise self._error(e) from e
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> "MetricsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()

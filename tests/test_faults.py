@@ -8,6 +8,7 @@ real process is needed (the lock holder, SIGTERM, SIGKILL); everything else call
 ``ling_jax.cli.main`` in-process.
 """
 
+import builtins
 import functools
 import json
 import os
@@ -284,6 +285,41 @@ def test_reader_is_read_only_and_steps_back_when_a_step_vanishes(ref, tmp_path, 
     _, _, state = load_trained(wd, log_fn=warnings.append)
     assert calls == [STEPS, STEPS - EVERY] and int(state.step) == STEPS - EVERY and not warnings
     assert in_progress.exists()
+
+
+# ----------------------------------------------------------------------------- issue 30: unverified steps, races, logs
+
+
+def _full_disk(monkeypatch, name: str) -> None:
+    """Files opened for writing whose name starts with ``name`` are /dev/full: writes fail with ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file).name.startswith(name) and set(mode) & set("aw"):
+            file = "/dev/full"
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+
+
+def test_full_disk_writing_metrics_is_one_line_naming_the_file(ref, tmp_path, capsys, monkeypatch):
+    wd = _copy(ref, tmp_path, upto=12)
+    _full_disk(monkeypatch, "metrics.jsonl")
+    rc, _, err = _main(capsys, "train", "--workdir", wd, *RUN)
+    _one_line_error(rc, err, f"cannot write {wd / 'metrics.jsonl'} (No space left on device)", "rerun the same command")
+    assert _steps(wd) == [4, 8, 12]
+
+
+def test_full_disk_rewriting_metrics_names_the_file_and_keeps_it(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    _full_disk(monkeypatch, ".metrics.jsonl")  # truncate_metrics writes a temporary file, then renames it
+    with pytest.raises(WorkdirError, match=rf"cannot write {path} \(No space left on device\)"):
+        truncate_metrics(path, 1, lambda s: None)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
 # ----------------------------------------------------------------------------- 3/5: lock, SIGTERM, SIGKILL
