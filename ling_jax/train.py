@@ -36,8 +36,8 @@ from ling_jax.ledger import sown
 from ling_jax.model import Transformer
 from ling_jax.token_state import TokenState
 from ling_jax.train_state import STATE_COLLECTIONS, TrainState, abstract_state, init_state, make_optimizer  # noqa: F401 (re-exported)
-from ling_jax.workdir import (WorkdirLock, check_compatible, config_changes, data_difference, prepare, print_log,
-                              read_record, recorded_config, truncate_metrics, write_record)
+from ling_jax.workdir import (MetricsFile, WorkdirLock, check_compatible, config_changes, data_difference, prepare,
+                              print_log, read_record, recorded_config, truncate_metrics, write_record)
 
 LN2 = math.log(2.0)
 
@@ -312,7 +312,7 @@ def _train_locked(config: Config, workdir: Path, stop: _StopSignal, *, progress:
     window_start, window_steps = time.perf_counter(), 0
     pending = None  # (step, metrics) of a step whose finiteness is checked once the next one is dispatched
     try:
-        with open(metrics_path, "a") if is_main_host else open(os.devnull, "w") as log:
+        with MetricsFile(metrics_path) if is_main_host else open(os.devnull, "w") as log:
             for step in range(start, t.steps):
                 reason = stop_requested(step)
                 if reason:

@@ -7,24 +7,34 @@
   (``schedule_steps``, fixed by the run that started the workdir). It is written atomically
   (temporary file + ``os.replace``) and only after a successful restore or the first save.
 * ``metrics.jsonl`` is truncated on resume to the restored step; a partial last line (a killed
-  writer) or any unparsable line is dropped.
+  writer) or any unparsable line is dropped. A write that fails (a full disk) is a
+  :class:`WorkdirError` naming the file.
+* ``ling_jax.log`` receives what libraries log or print to stderr while a checkpoint is read or
+  written (:func:`log_to_workdir`): orbax's and asyncio's tracebacks when arrays cannot be read
+  or written go there, and the terminal gets one line from ling-jax.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
+import gc
+import io
 import json
+import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ling_jax.config import Config, ConfigError, from_dict, to_dict
 
 LOCK_NAME = ".lock"
+LOG_NAME = "ling_jax.log"
 
 
 def print_log(msg: str) -> None:
@@ -131,11 +141,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WorkdirError(f"cannot write {path} ({e.strerror or e}); the previous version is unchanged") from e
 
 
 def write_record(workdir: Path, config: Config, *, schedule_steps: int, data: Optional[dict] = None) -> None:
@@ -242,3 +256,111 @@ def truncate_metrics(path: Path, last_step: int, log_fn: Callable[[str], None] =
     if dropped:
         log_fn(f"warning: dropped {dropped} unreadable line(s) from {path} (a run killed while writing)")
     atomic_write(path, "".join(line + "\n" for line in keep).encode())
+
+
+class MetricsFile:
+    """``metrics.jsonl`` opened for appending, unbuffered: each line reaches the file when it is
+    written, and a write that fails (a full disk) is a WorkdirError naming the file (closing it
+    has nothing left to flush, so no second error hides the first)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            raise self._error(e) from e
+
+    def _error(self, e: OSError) -> WorkdirError:
+        return WorkdirError(f"cannot write {self.path} ({e.strerror or e}); the checkpoints are intact: free "
+                            "space and rerun the same command to resume from the last one")
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as e:
+            raise self._error(e) from e
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> "MetricsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+# ----------------------------------------------------------------------------- ling_jax.log
+
+
+class WorkdirLog(io.TextIOBase):
+    """``<workdir>/ling_jax.log``, opened for appending at the first write (a block that logs
+    nothing leaves no file), under a header line naming what was running. If it cannot be opened
+    (a read-only workdir) the text goes to ``fallback`` instead. ``written``: the log's path once
+    something went into it, else None."""
+
+    def __init__(self, workdir: Path, what: str, fallback: Any):
+        self.path, self.what, self.fallback = Path(workdir) / LOG_NAME, what, fallback
+        self._file: Any = None
+        self._failed = False
+
+    def _target(self) -> Any:
+        if self._file is None and not self._failed:
+            try:
+                self._file = open(self.path, "a", encoding="utf-8", errors="replace")
+                self._file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {self.what}\n")
+            except OSError:
+                self._failed = True
+        return self._file or self.fallback
+
+    def write(self, text: str) -> int:
+        (self.fallback if self.closed else self._target()).write(text)  # closed: a late writer of another thread
+        return len(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    @property
+    def written(self) -> Optional[Path]:
+        return self.path if self._file is not None else None
+
+    def close(self) -> None:
+        super().close()  # flushes
+        if self._file is not None:
+            self._file.close()
+
+
+class _Muted(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def log_to_workdir(workdir: str | Path, what: str) -> Iterator[WorkdirLog]:
+    """While the block runs, what Python code logs (every other handler of the root logger is
+    muted) or prints to ``sys.stderr`` (tracebacks printed by the callbacks of orbax's I/O threads)
+    goes to the workdir's :class:`WorkdirLog` instead of the terminal. Failed asyncio tasks report
+    their exception when they are collected, so a block that logged something (a failure) ends
+    with a garbage collection."""
+    log = WorkdirLog(Path(workdir), what, sys.stderr)
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, muted = logging.getLogger(), _Muted()
+    others = list(root.handlers)
+    for other in others:
+        other.addFilter(muted)
+    root.addHandler(handler)
+    stderr, sys.stderr = sys.stderr, log
+    try:
+        yield log
+    finally:
+        if log.written:
+            gc.collect()
+        sys.stderr = stderr
+        root.removeHandler(handler)
+        for other in others:
+            other.removeFilter(muted)
+        log.close()

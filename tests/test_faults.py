@@ -8,8 +8,12 @@ real process is needed (the lock holder, SIGTERM, SIGKILL); everything else call
 ``ling_jax.cli.main`` in-process.
 """
 
+import builtins
 import functools
+import gc
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,7 +27,8 @@ import numpy as np
 import pytest
 
 from ling_jax import cli
-from ling_jax.checkpoints import CheckpointError, checkpoint_manager, restore_latest, save_checkpoint
+from ling_jax.checkpoints import (CheckpointError, checkpoint_manager, prune_checkpoints, restore_latest,
+                                  save_checkpoint, state_report)
 from ling_jax.config import ConfigError, apply_overrides, get_preset
 from ling_jax.data import load_corpus
 from ling_jax.model import Transformer
@@ -195,6 +200,8 @@ def _corrupt(step_dir: Path, kind: str) -> None:
         data.write_bytes(bytes(raw))
     elif kind == "metadata":
         (step_dir / "default" / "_METADATA").unlink()
+    elif kind == "fingerprint":  # the step's own metadata, which holds the fingerprints: unverified
+        (step_dir / "_CHECKPOINT_METADATA").unlink()
     elif kind == "emptied":
         for child in step_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -247,8 +254,10 @@ def test_corruption_and_disk_full_resume_bit_identically(ref, tmp_path, monkeypa
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     logs = []
-    with pytest.raises(CheckpointError, match=rf"saving checkpoint step {STEPS} failed .*RESOURCE_EXHAUSTED.*intact"):
+    with pytest.raises(CheckpointError, match=rf"saving checkpoint step {STEPS} failed .*RESOURCE_EXHAUSTED.*intact; "
+                                              rf"details in {wd / 'ling_jax.log'}"):
         train(_config(), wd, progress=False, log_fn=logs.append)
+    assert "Traceback" in (wd / "ling_jax.log").read_text()
     assert any(f"skipped checkpoint step {STEPS}" in m for m in logs), logs
     assert max(_steps(wd)) == STEPS - EVERY
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
@@ -284,6 +293,227 @@ def test_reader_is_read_only_and_steps_back_when_a_step_vanishes(ref, tmp_path, 
     _, _, state = load_trained(wd, log_fn=warnings.append)
     assert calls == [STEPS, STEPS - EVERY] and int(state.step) == STEPS - EVERY and not warnings
     assert in_progress.exists()
+
+
+# ----------------------------------------------------------------------------- issue 30: unverified steps, races, logs
+
+
+def test_a_garbled_fingerprint_does_not_let_a_damaged_state_through(ref, tmp_path):
+    """Step 16 is rewritten with one bit flipped in the optimizer state, and that array's
+    fingerprint in its metadata is garbled: the step is unverified, so the reader warns and uses
+    the verified step 12 (the old check skipped an array with an unreadable fingerprint)."""
+    wd = _copy(ref, tmp_path)
+    good = _params_at(ref, STEPS)
+    leaves, treedef = jax.tree_util.tree_flatten(good.opt_state)
+    i = next(i for i, x in enumerate(leaves) if x.dtype == np.float32 and x.size)
+    flipped = np.array(leaves[i])
+    flipped.view(np.uint32).flat[0] ^= 1 << 20
+    damaged = good.replace(opt_state=jax.tree_util.tree_unflatten(treedef, [*leaves[:i], flipped, *leaves[i + 1:]]))
+    shutil.rmtree(wd / "checkpoints" / str(STEPS))
+    manager = checkpoint_manager(wd, _config())
+    save_checkpoint(manager, STEPS, damaged, keep=10)
+    manager.close()
+    before, after = state_report(good)[0], state_report(damaged)[0]
+    (name,) = [k for k in after if after[k] != before[k]]  # the flipped array
+    meta = wd / "checkpoints" / str(STEPS) / "_CHECKPOINT_METADATA"
+    record = json.loads(meta.read_text())
+    record["custom_metadata"]["ling_jax_fingerprint"][name] = "garbled"
+    meta.write_text(json.dumps(record))
+    warnings = []
+    _, _, state = load_trained(wd, log_fn=warnings.append)
+    assert int(state.step) == STEPS - EVERY and len(warnings) == 1, warnings
+    assert f"skipped checkpoint step {STEPS} (unverified: no readable float32 fingerprint of {name}" in warnings[0]
+    _assert_same_state(state, _params_at(ref, STEPS - EVERY))
+
+
+def test_unverified_steps_give_way_to_a_verified_one_or_are_refused_unless_allowed(ref, tmp_path, monkeypatch):
+    """Step 8's metadata (which holds its fingerprints) is deleted: the trainer's restore skips it
+    with a warning for the verified step 4 and moves it aside. When step 4 is unverified too, the
+    restore is refused naming LING_JAX_ALLOW_UNVERIFIED, which then restores the newest one."""
+    allow = "LING_JAX_ALLOW_UNVERIFIED"
+    monkeypatch.delenv(allow, raising=False)
+    wd = _copy(ref, tmp_path, upto=8)
+    _corrupt(wd / "checkpoints" / "8", "fingerprint")
+    manager = checkpoint_manager(wd, _config())
+    warnings = []
+    _, step = restore_latest(manager, _target(), log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
+    manager.close()
+    assert step == 4 and len(warnings) == 1, warnings
+    assert "skipped checkpoint step 8 (unverified: no readable fingerprint" in warnings[0]
+    assert "moved it to" in warnings[0]
+    (moved,) = (wd / "skipped_checkpoints").iterdir()
+    assert _steps(wd) == [4]
+    moved.rename(wd / "checkpoints" / "8")  # back, for the readers below
+    _corrupt(wd / "checkpoints" / "4", "fingerprint")
+    with pytest.raises(CheckpointError, match=r"step 8: unverified: .*step 4: unverified: .*to restore step 8 "
+                                              rf"without verification, rerun with {allow}=1"):
+        load_trained(wd, log_fn=lambda s: None)
+    monkeypatch.setenv(allow, "1")
+    warnings.clear()
+    _, _, state = load_trained(wd, log_fn=warnings.append)
+    assert int(state.step) == 8 and len(warnings) == 1 and "restoring checkpoint step 8 UNVERIFIED" in warnings[0]
+    _assert_same_state(state, _params_at(ref, 8))
+
+
+def test_reader_lists_again_when_retention_deletes_a_step_being_listed(ref, tmp_path, monkeypatch):
+    """orbax reads each step folder it lists and raises FileNotFoundError when the trainer's
+    retention deletes one in between. Simulated: every other listing deletes the oldest step and
+    fails so; the reader lists again and restores the newest step without a warning."""
+    import orbax.checkpoint as ocp
+
+    wd = _copy(ref, tmp_path)
+    real = ocp.CheckpointManager._load_checkpoint_infos
+    calls = []
+
+    def racing(self, *args, **kwargs):
+        calls.append(len(_steps(wd)))
+        if len(calls) % 2:
+            oldest = wd / "checkpoints" / str(min(_steps(wd)))
+            shutil.rmtree(oldest)
+            raise FileNotFoundError(2, "No such file or directory", str(oldest))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "_load_checkpoint_infos", racing)
+    warnings = []
+    _, _, state = load_trained(wd, log_fn=warnings.append)
+    assert int(state.step) == STEPS and not warnings and len(calls) >= 4, (calls, warnings)
+    _assert_same_state(state, _params_at(ref, STEPS))
+
+
+def test_retention_never_shows_a_half_deleted_step(ref, tmp_path, monkeypatch):
+    """A reader must find a step whole or not at all: by the time retention deletes any file of a
+    step, the step is no longer there under its name (it is renamed first)."""
+    wd = _copy(ref, tmp_path)
+    doomed = wd / "checkpoints" / "4"
+    visible = []
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        visible.append(doomed.exists())
+        return real_unlink(path, *args, **kwargs)
+
+    manager = checkpoint_manager(wd, _config())
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert prune_checkpoints(manager, keep=3, protect=STEPS) == [4]
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    manager.close()
+    assert visible and not any(visible) and _steps(wd) == [8, 12, 16]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["12", "16", "8"]  # nothing left behind
+
+
+def test_damaged_checkpoint_tracebacks_go_to_the_workdir_log(ref, tmp_path, capsys, monkeypatch):
+    """Reading a step of garbage makes orbax's asynchronous reads fail: asyncio logs each failed
+    read it was not asked about ("Task exception was never retrieved" and a traceback) and I/O
+    callbacks print tracebacks to stderr, hundreds of lines in all, at moments that depend on
+    timing. Made deterministic here: the restore of the damaged step leaves one such task and
+    prints one such traceback, then reads the garbage. All of it goes to <workdir>/ling_jax.log;
+    stderr gets the one warning line, which names the log."""
+    import asyncio
+    import traceback
+
+    import orbax.checkpoint as ocp
+
+    wd = _copy(ref, tmp_path)
+    _corrupt(wd / "checkpoints" / str(STEPS), "garbage")
+    real_restore = ocp.CheckpointManager.restore
+
+    def noisy_restore(self, step, *args, **kwargs):
+        if step == STEPS:
+            async def read_shard():
+                raise ValueError("DATA_LOSS: a shard of this step cannot be decoded")
+
+            loop = asyncio.new_event_loop()
+            loop.create_task(read_shard())  # fails, and nobody asks for its result
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+            try:
+                loop.call_soon_threadsafe(print)
+            except RuntimeError as e:  # what an I/O callback prints when it finds the loop closed
+                traceback.print_exception(e, file=sys.stderr)
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", noisy_restore)
+    terminal = io.StringIO()  # what a handler of the root logger would print on a terminal
+    handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(handler)
+    try:
+        capsys.readouterr()
+        _, _, state = load_trained(wd)  # warnings go to stderr
+        gc.collect()  # asyncio reports a failed task's exception when the task is collected
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert int(state.step) == STEPS - EVERY
+    assert terminal.getvalue() == "" and len(err.splitlines()) == 1, err + terminal.getvalue()
+    assert f"skipped checkpoint step {STEPS} (unreadable: " in err and f"details in {wd / 'ling_jax.log'}" in err
+    log = (wd / "ling_jax.log").read_text()
+    assert "Task exception was never retrieved" in log and "DATA_LOSS: a shard" in log
+    assert "RuntimeError: Event loop is closed" in log and f"checkpoint step {STEPS} in " in log
+
+
+def test_a_skipped_step_that_cannot_be_moved_does_not_stop_training(ref, tmp_path, monkeypatch):
+    """A step folder at mode 000 cannot be moved into skipped_checkpoints (a folder that changes
+    parent needs write permission on itself; root has it, so here the move is made to fail). The
+    trainer's restore renames it beside itself (that needs no permission on the folder), which
+    frees its step number for the next save, or if even that fails leaves it in place; either way
+    it warns and resumes from the good step."""
+    wd = _copy(ref, tmp_path)
+    _corrupt(wd / "checkpoints" / str(STEPS), "emptied")
+
+    def denied(src, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    real_rename = os.rename
+    monkeypatch.setattr(shutil, "move", denied)
+    monkeypatch.setattr(os, "rename", lambda src, dst, *a, **k: denied(src) if ".skipped-" in str(dst)
+                        else real_rename(src, dst, *a, **k))
+    manager = checkpoint_manager(wd, _config())
+    warnings = []
+    _, step = restore_latest(manager, _target(), log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
+    assert step == STEPS - EVERY and STEPS in _steps(wd) and len(warnings) == 1, warnings
+    assert "could not move it aside (PermissionError: [Errno 13] Permission denied" in warnings[0]
+    assert f"left it in place (a save of step {STEPS} fails until it is removed); using step 12" in warnings[0]
+
+    monkeypatch.setattr(os, "rename", real_rename)
+    warnings.clear()
+    restored, step = restore_latest(manager, _target(), log_fn=warnings.append, quarantine=wd / "skipped_checkpoints")
+    assert step == STEPS - EVERY and len(warnings) == 1, warnings
+    assert f"renamed it to {wd / 'checkpoints' / str(STEPS)}.skipped-" in warnings[0]
+    save_checkpoint(manager, STEPS, restored.replace(step=restored.step + EVERY), keep=10)  # its step number is free
+    manager.close()
+    assert _steps(wd) == [4, 8, 12, 16]
+
+
+def _full_disk(monkeypatch, name: str) -> None:
+    """Files opened for writing whose name starts with ``name`` are /dev/full: writes fail with ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file).name.startswith(name) and set(mode) & set("aw"):
+            file = "/dev/full"
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+
+
+def test_full_disk_writing_metrics_is_one_line_naming_the_file(ref, tmp_path, capsys, monkeypatch):
+    wd = _copy(ref, tmp_path, upto=12)
+    _full_disk(monkeypatch, "metrics.jsonl")
+    rc, _, err = _main(capsys, "train", "--workdir", wd, *RUN)
+    _one_line_error(rc, err, f"cannot write {wd / 'metrics.jsonl'} (No space left on device)", "rerun the same command")
+    assert _steps(wd) == [4, 8, 12]
+
+
+def test_full_disk_rewriting_metrics_names_the_file_and_keeps_it(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    _full_disk(monkeypatch, ".metrics.jsonl")  # truncate_metrics writes a temporary file, then renames it
+    with pytest.raises(WorkdirError, match=rf"cannot write {path} \(No space left on device\)"):
+        truncate_metrics(path, 1, lambda s: None)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
 # ----------------------------------------------------------------------------- 3/5: lock, SIGTERM, SIGKILL

@@ -27,6 +27,7 @@ from ling_jax.layers.moe_parallel import expert_parallel_ffn, reference_ffn
 from ling_jax.model import Transformer
 from ling_jax.testing import assert_close
 from ling_jax.memory import memory_report
+from ling_jax.checkpoints import save_checkpoint
 from ling_jax.train import checkpoint_manager, init_state, jit_train_step, make_train_step, restore_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,8 +323,7 @@ def test_checkpoint_reshards_across_meshes(reference, tmp_path):
     state = jax.device_put(reference["state"], src_plan.state)
     state, _ = src_step(state, S.global_batch(_batch(src_config, 0), src_plan.batch, 8))
     manager = checkpoint_manager(tmp_path, src_config)
-    manager.save(1, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+    save_checkpoint(manager, 1, state, keep=1)  # with the fingerprint restore_latest checks on every mesh
     next_batch = _batch(src_config, 1)
     _, expected = src_step(state, S.global_batch(next_batch, src_plan.batch, 8))
 

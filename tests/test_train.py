@@ -10,9 +10,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from ling_jax.checkpoints import save_checkpoint
 from ling_jax.config import ConfigError, apply_overrides, get_preset
 from ling_jax.model import Transformer
 from ling_jax.testing import FAST_COMPILE_ENV
@@ -47,8 +47,7 @@ def test_checkpoint_round_trip(tmp_path):
     state = init_state(config, model, jax.random.key(1))
     state = state.replace(step=state.step + 7)
     manager = checkpoint_manager(tmp_path, config)
-    manager.save(7, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+    save_checkpoint(manager, 7, state, keep=1)  # with the fingerprint restore_latest checks
     fresh = init_state(config, model, jax.random.key(2))
     restored, step = restore_latest(manager, fresh)
     assert step == 7 and int(restored.step) == 7
@@ -79,8 +78,7 @@ def test_init_state_keeps_state_collections_only(tmp_path, monkeypatch):
     blob = flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, state.extra))
     jax.tree_util.tree_map(np.testing.assert_array_equal, flax.serialization.msgpack_restore(blob), state.extra)
     manager = checkpoint_manager(tmp_path, config)
-    manager.save(3, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+    save_checkpoint(manager, 3, state, keep=1)  # with the fingerprint restore_latest checks
     restored, step = restore_latest(manager, init(jax.random.key(2)))
     manager.close()
     assert step == 3
