@@ -130,6 +130,10 @@ _report = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_report, tree))
 def state_report(state: Any) -> tuple[dict[str, list], list[str]]:
     """({leaf path: [dtype, fingerprint]}, [paths of leaves holding NaN or inf])."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    # Restored arrays are committed to their devices, freshly computed ones often not, and jit
+    # compiles once for each; committing them in place (no copy) makes saves and restores share one.
+    state = jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) and not x.committed else x, state)
     reports = jax.device_get(_report(state))
     report_leaves = jax.tree_util.tree_leaves(reports)
     fingerprints, bad = {}, []
