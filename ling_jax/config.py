@@ -345,10 +345,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
         if "." not in key:
             raise ConfigError(f"unknown option --{key}; overrides look like --section.field VALUE "
                               f"(sections: {', '.join(f.name for f in dataclasses.fields(Config) if f.name != 'preset')})")
-        key, value = key.strip(), value.strip()
-        if out.get(key, value) != value:
-            raise ConfigError(f"--{key} is given twice, as {out[key]} and {value}; give it once")
-        out[key] = value
+        out[key.strip()] = value.strip()  # the same spelling given twice: the last wins, as with argparse
     return out
 
 

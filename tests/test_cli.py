@@ -97,7 +97,6 @@ def test_eval_request_prefills_prunes_and_continues(tmp_path, capsys):
 def test_two_spellings_of_one_field_must_agree(tmp_path, capsys):
     workdir = tmp_path / "wd"
     for argv, field in ((["--steps", "3", "--train.steps", "7"], "train.steps"),
-                        (["--train.steps", "3", "--train.steps", "7"], "train.steps"),
                         (["--checkpoint-every", "2", "--train.checkpoint_every=5"], "train.checkpoint_every"),
                         (["--task", "mqar", "--data.task", "needle"], "data.task"),
                         (["--mesh", "data=2", "--mesh.data", "4"], "mesh.data")):
