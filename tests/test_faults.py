@@ -380,6 +380,28 @@ def test_reader_lists_again_when_retention_deletes_a_step_being_listed(ref, tmp_
     _assert_same_state(state, _params_at(ref, STEPS))
 
 
+def test_a_step_whose_read_failed_while_it_was_deleted_is_not_reported(ref, tmp_path, monkeypatch):
+    """A reader fails on step 16 while another program deletes it (the folder is still there when
+    the read fails, gone by the time step 12 has been read): no "skipped checkpoint" warning for
+    a step that was being deleted, not damaged."""
+    import orbax.checkpoint as ocp
+
+    wd = _copy(ref, tmp_path)
+    real_restore = ocp.CheckpointManager.restore
+
+    def racing_restore(self, step, *args, **kwargs):
+        if step == STEPS:
+            (wd / "checkpoints" / str(STEPS) / "default" / "_METADATA").unlink()  # half deleted
+            raise FileNotFoundError(f"{wd}/checkpoints/{STEPS}/default/_METADATA")
+        shutil.rmtree(wd / "checkpoints" / str(STEPS), ignore_errors=True)  # the deletion ends
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", racing_restore)
+    warnings = []
+    _, _, state = load_trained(wd, log_fn=warnings.append)
+    assert int(state.step) == STEPS - EVERY and not warnings, warnings
+
+
 def test_retention_never_shows_a_half_deleted_step(ref, tmp_path, monkeypatch):
     """A reader must find a step whole or not at all: by the time retention deletes any file of a
     step, the step is no longer there under its name (it is renamed first)."""
