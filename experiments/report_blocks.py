@@ -502,6 +502,62 @@ def depth_quality(root: Path) -> list[str]:
         "bias; the pilots have no results files, so their figures are not quoted."]
 
 
+def _setting_name(setting: Mapping) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {'off' if v is None else f'{v:g}'}" for k, v in setting.items())
+
+
+def calibration(root: Path) -> list[str]:
+    d = load(root, "calibration.json")
+    m, pol = d["main_job"], d["main_job"]["policy"]
+    ev = m["eval_policy"]
+    from ling_jax.calibrate import format_path  # the table the CLI prints
+
+    chosen = ("the reference (no setting passed)" if pol["chosen_is_reference"]
+              else f"**{_setting_name(pol['setting'])}**")
+    same = (abs(ev["risk"] - pol["risk_estimate"]) <= 1e-9 and abs(ev["reduction_computed"] / pol["reduction_computed"] - 1) <= 1e-9)
+    out = header(root, "calibration.json") + [
+        f"**Main job.** `{m['command']}` took {m['wall_s']:.0f} s of wall time on {d['cpu_count']} cores shared "
+        f"with other jobs (load average {m['load_average_1min_start']:.1f} at the start, "
+        f"{m['load_average_1min_end']:.1f} at the end; target under 3 minutes: "
+        f"{'met' if m['wall_s'] < 180 else '**missed**'}), on {pol['requests']:,} requests of {pol['request'][0]} + "
+        f"{pol['request'][1]} bytes of the validation split:", "", "```", format_path(pol), "```", "",
+        f"Chosen: {chosen}, computed reduction **{x_(pol['reduction_computed'])}**, risk estimate "
+        f"{pol['risk_estimate']:.4f} with upper bound {pol['risk_upper_bound']:.4f} at 1 - epsilon (delta "
+        f"{pol['delta']:g}). `ling-jax eval --policy` on the same requests ({m['eval_wall_s']:.0f} s) gives risk "
+        f"{ev['risk']:.4f} and reduction {x_(ev['reduction_computed'])}: "
+        + ("the file round-trips." if same else "**the figures differ from the file's**."), ""]
+    grid = " x ".join(f"{k.replace('_', ' ')} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in d["grid"].items())
+    cfg = d["config"]
+    lo, hi = d["violation_interval95"]
+    met = hi <= d["epsilon"] or d["violation_rate"] <= d["epsilon"]
+    train = f"{mins(d['train_seconds'])} of training" if d.get("train_seconds") else "training time not recorded"
+    out += [
+        f"**Validity.** One model trained with learned pruning and early exit (`{cfg['preset']}` with exit heads "
+        f"after every block but the last, {d['steps']} steps: {train} on the shared cores). Its loss table holds "
+        f"{d['settings']} settings ({grid}) on {d['requests']:,} requests of {d['prompt']} + {d['continuation']} bytes "
+        f"(one compiled program, batches of {d['batch_size']}; {mins(d['table_seconds'])}). "
+        f"{d['splits']} random splits into {d['calibration_requests']:,} calibration and {d['test_requests']:,} test "
+        f"requests, delta {d['delta']:g}, epsilon {d['epsilon']:g}:", "",
+        f"- splits whose chosen setting loses more than delta on the test half: **{d['violations']} of {d['splits']}** = "
+        f"{d['violation_rate']:.3f} (95% Clopper-Pearson interval {lo:.3f}-{hi:.3f}); target at most epsilon: "
+        f"{'met' if met else '**missed**'}. Mean test loss of the chosen setting {d['mean_test_risk']:.4f} "
+        f"(largest {d['max_test_risk']:.4f}); mean calibration estimate {d['mean_calibration_risk']:.4f}.",
+        f"- mean computed reduction of the chosen settings on the test halves **{x_(d['mean_reduction'], 3)}**, beside "
+        f"**{x_(d['mean_oracle_reduction'], 3)}** for an oracle that picks, on each test half itself, the cheapest "
+        f"setting whose test loss is at most delta; the reference was chosen in {d['reference_chosen']} splits.", ""]
+    rows = [r for r in d["per_setting"] if r["chosen_in_splits"] or r["risk"] <= d["delta"]]
+    rows = sorted(rows, key=lambda r: -r["reduction_computed"])[:12]
+    out += ["Settings chosen in some split or with a loss of at most delta over all requests (the cheapest 12 "
+            "by computed reduction):", "",
+            *table(["setting", "risk (all requests)", "bpb", "reduction computed", "reduction ideal", "chosen in splits"],
+                   [[_setting_name(r["setting"]), f"{r['risk']:.4f}", f"{r['bpb']:.3f}", x_(r["reduction_computed"]),
+                     x_(r["reduction_ideal"]), str(r["chosen_in_splits"])] for r in rows]), "",
+            f"Reference (nothing pruned, no exit): {d['reference_bpb']:.3f} bpb on the continuations. Masked pruning "
+            "saves ideal FLOPs only (a masked key is still computed), so along the path a pruning threshold comes "
+            "right after the same exit threshold without pruning."]
+    return out
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -627,6 +683,7 @@ BLOCKS: dict[str, Callable[[Path], list[str]]] = {
     "depth_quality": depth_quality,
     "bench_realized": bench_realized,
     "long_context": long_context,
+    "calibration": calibration,
 }
 
 
