@@ -4,9 +4,10 @@ chosen setting under delta on new requests, at least 1 - epsilon of the time?
 One model trained with learned token pruning **and** early exit (``cpu-small-pruned`` plus exit
 heads after every block but the last; a random half of the tokens exits at a random head in
 training). Its loss table (:mod:`ling_jax.calibrate_table`, ``"forward"`` evaluation: one compiled
-program for the whole threshold grid) holds every grid setting (pruning threshold x exit
-threshold) on every one of ``--requests`` text requests from the validation split (prompts of 96
-bytes, continuations of 32 scored). Then ``--splits`` random splits of the requests into a
+program for the whole threshold grid, one request per batch so that each request's exit buckets
+are its own) holds every grid setting (pruning threshold x threshold on the learned exit
+classifier's confidence) on every one of ``--requests`` text requests from the validation split
+(prompts of 96 bytes, continuations of 32 scored). Then ``--splits`` random splits of the requests into a
 calibration half and a test half; per split:
 
 * Learn-then-Test on the calibration half (:func:`ling_jax.calibrate.learn_then_test`: the path
@@ -48,7 +49,8 @@ from ling_jax.config import Config, DepthConfig, get_preset  # noqa: E402
 from ling_jax.provenance import Provenance  # noqa: E402
 from ling_jax.runs import train_or_load  # noqa: E402
 
-DEFAULT_GRID = ("prune_threshold=0,0.5,0.7", "exit_threshold=1,0.99,0.98,0.97,0.95,0.93,0.9,0.85,0.8,0.7")
+DEFAULT_GRID = ("prune_threshold=0,0.3,0.5", "exit_threshold=1,0.9995,0.999,0.998,0.995,0.99,0.98,0.97,0.95,0.9")
+EXIT_CONFIDENCE = "classifier"  # the learned exit classifier (trained whatever the confidence; depth_quality.py)
 
 
 def model_config(steps: int) -> Config:
@@ -155,7 +157,8 @@ def main(argv=None) -> dict:
     p.add_argument("--delta", type=float, default=0.02)
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--grid", action="append", default=None, metavar="NAME=V1,V2,...")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1, help="requests per batch (1: each request's own exit buckets)")
+    p.add_argument("--exit-confidence", default=EXIT_CONFIDENCE, choices=["margin", "classifier", "saturation"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="experiments/results/calibration.json")
     p.add_argument("--main-job", metavar="W", help="also time ling-jax calibrate on this main-job workdir")
@@ -173,13 +176,15 @@ def main(argv=None) -> dict:
 
     prompt, continuation = (int(v) for v in args.request.split(":"))
     reqs = requests_of(config, args.requests, prompt, continuation)
-    grid = parse_grid(args.grid or DEFAULT_GRID, config.model, "forward", prompt)
+    model = dataclasses.replace(config.model, depth=dataclasses.replace(config.model.depth,
+                                                                        exit_confidence=args.exit_confidence))
+    grid = parse_grid(args.grid or DEFAULT_GRID, model, "forward", prompt)
     settings = settings_of(grid)
     print(f"loss table: {len(settings)} settings x {len(reqs)} requests", flush=True)
     key = {"step": trained.info["step"], "settings": settings, "requests": len(reqs), "request": args.request,
-           "batch_size": args.batch_size}
+           "batch_size": args.batch_size, "exit_confidence": args.exit_confidence}
     table, table_seconds = cached_table(workdir, key, lambda: loss_table(
-        config.model, trained.variables, reqs, settings, evaluation="forward", batch_size=args.batch_size))
+        model, trained.variables, reqs, settings, evaluation="forward", batch_size=args.batch_size))
     print(f"loss table in {table_seconds:.0f} s", flush=True)
 
     rows = splits(table, args.delta, args.epsilon, args.splits, args.seed)
@@ -193,6 +198,7 @@ def main(argv=None) -> dict:
         "delta": args.delta, "epsilon": args.epsilon, "requests": len(reqs), "prompt": prompt, "continuation": continuation,
         "splits": len(rows), "calibration_requests": len(reqs) // 2, "test_requests": len(reqs) - len(reqs) // 2,
         "grid": {k: list(v) for k, v in grid.items()}, "settings": len(settings), "batch_size": args.batch_size,
+        "exit_confidence": args.exit_confidence,
         "steps": trained.info["step"], "train_seconds": train_seconds, "table_seconds": table_seconds,
         "violations": int(violations), "violation_rate": violations / len(rows), "violation_interval95": [lo, hi],
         "mean_reduction": float(np.mean([r["reduction"] for r in rows])),

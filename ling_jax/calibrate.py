@@ -51,6 +51,7 @@ from scipy import stats
 from ling_jax.config import ConfigError, ModelConfig
 
 POLICY_VERSION = 1
+PROBE_REQUESTS = 64  # thresholds: the path is ordered by each setting's FLOPs on this many requests
 Vector = Union[np.ndarray, Sequence[float]]
 
 
@@ -234,7 +235,7 @@ def load_policy(path: str | Path, model: ModelConfig, step: int) -> tuple[dict, 
     from ling_jax.calibrate_table import policy_config
 
     record = read_policy(path)
-    if record["model"] != dataclasses.asdict(model):
+    if record["model"] != json.loads(json.dumps(dataclasses.asdict(model))):
         raise ConfigError(f"--policy {path} was calibrated for another model (its recorded model config differs from "
                           "this workdir's); run ling-jax calibrate on this workdir")
     if record["step"] != step:
@@ -255,8 +256,8 @@ def calibrate(config, variables: dict, step: int, *, delta: float, epsilon: floa
     estimate (mean loss on the calibration requests) and its (1 - epsilon) upper bound, and the
     tested path.
 
-    The path is ordered by the computed and ideal FLOPs of every setting on the first batch of
-    requests; KV budgets are ordered by the budget itself (shapes fix their FLOPs: fewer slots,
+    The path is ordered by the computed and ideal FLOPs of every setting on the first
+    :data:`PROBE_REQUESTS` requests; KV budgets are ordered by the budget itself (shapes fix their FLOPs: fewer slots,
     less work), so a budget past the first failure is never compiled. Settings are evaluated on all
     requests along the path only until the first that fails (the walk of :func:`learn_then_test`,
     which never looks past it)."""
@@ -273,7 +274,7 @@ def calibrate(config, variables: dict, step: int, *, delta: float, epsilon: floa
     if evaluation == "request":
         path = path_order([math.inf if s["budget"] is None else s["budget"] for s in settings])
     else:
-        first = reqs.rows(np.arange(min(table.batch_size, len(reqs))))
+        first = reqs.rows(np.arange(min(PROBE_REQUESTS, len(reqs))))
         probe = fill(empty_table(first, settings, evaluation=evaluation, batch_size=table.batch_size),
                      range(len(settings)), config.model, variables, first, progress=progress)
         path = path_order(probe.computed.sum(axis=1), probe.ideal.sum(axis=1))

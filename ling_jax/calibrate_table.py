@@ -19,7 +19,7 @@ validation example per request, its answer positions scored.
   ``mod_predictor_threshold``, ``exit_threshold``, all call-time thresholds of a traced
   :class:`~ling_jax.policy.InferencePolicy`: **one compiled program for the whole grid**. Masked
   pruning here saves ideal FLOPs only (a masked key is still computed); MoD routing and early
-  exit save computed FLOPs (bucketed per batch, as a server batching these requests computes).
+  exit save computed FLOPs (bucketed per batch; by default a batch is one request).
 
 The reference is the first value of every axis: nothing pruned, no early exit (a MoD model keeps
 its configured threshold: it has no unrouted form). Work is the ledger's ``computed`` FLOPs of each
@@ -51,7 +51,9 @@ from ling_jax.model import Transformer, forward_with_stats
 from ling_jax.policy import as_traced, inference_policy, static_config
 
 LN2 = math.log(2.0)
-BATCH_SIZE = {"request": 128, "forward": 16}  # requests per batch (forward: early-exit buckets are per batch)
+# Requests per batch. Forward: one, so that each request's early-exit and MoD buckets are its own
+# (a bucket is chosen by the batch's fullest row), as when a server decodes the request alone.
+BATCH_SIZE = {"request": 128, "forward": 1}
 AXES = ("budget", "prune_threshold", "mod_threshold", "mod_predictor_threshold", "exit_threshold")
 EXIT_THRESHOLDS = {
     "margin": (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),

@@ -587,7 +587,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="replace an axis of the default grid, reference value first (e.g. budget=none,64,32,16; "
                         "exit_threshold=1,0.95,0.9); repeatable")
     p.add_argument("--batch-size", type=int, metavar="B", help="requests per batch (default 128 for KV budgets, "
-                   "16 for thresholds: early-exit and MoD buckets are chosen per batch)")
+                   "1 for thresholds: early-exit and MoD buckets are chosen per batch)")
     p.add_argument("--out", metavar="FILE", help="policy file (default DIR/policy.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_calibrate)
