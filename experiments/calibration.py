@@ -22,8 +22,9 @@ cpu-small-pruned``) it also runs ``ling-jax calibrate --workdir W`` as a user do
 ``ling-jax eval --policy W/policy.json`` on the result (the round trip).
 
 Reported: the violation rate with its Clopper-Pearson 95% interval (target: at most epsilon), the
-mean computed reduction of the chosen settings on the test halves beside the oracle's, and the
-whole table's risk and reduction per setting. Splits are pure resampling of one table.
+mean computed reduction of the chosen settings on the test halves beside the oracle's, the same
+on each mechanism's own path (the other axes at their reference value), and the whole table's
+risk and reduction per setting. Splits are pure resampling of one table.
 
     python experiments/calibration.py --workdir $TMPDIR/calibration      # trains ~5 min on 2 idle cores
 """
@@ -147,6 +148,25 @@ def main_job(workdir: Path, delta: float, epsilon: float) -> dict:
             "eval_policy": json.loads(again[-1]), "eval_wall_s": eval_wall}
 
 
+def restrict(table: LossTable, rows: list[int]) -> LossTable:
+    """The table of settings ``rows`` only (the reference, row 0, first)."""
+    per_row = ("losses", "bits", "correct", "computed", "ideal", "seconds")
+    return dataclasses.replace(table, settings=[table.settings[k] for k in rows],
+                               **{name: getattr(table, name)[rows] for name in per_row})
+
+
+def summary(rows: list[dict]) -> dict:
+    violations = sum(r["violation"] for r in rows)
+    lo, hi = clopper_pearson(violations, len(rows))
+    return {"violations": int(violations), "violation_rate": violations / len(rows), "violation_interval95": [lo, hi],
+            "mean_reduction": float(np.mean([r["reduction"] for r in rows])),
+            "mean_oracle_reduction": float(np.mean([r["oracle_reduction"] for r in rows])),
+            "mean_calibration_risk": float(np.mean([r["calibration_risk"] for r in rows])),
+            "mean_test_risk": float(np.mean([r["test_risk"] for r in rows])),
+            "max_test_risk": float(np.max([r["test_risk"] for r in rows])),
+            "reference_chosen": int(sum(r["chosen"] == 0 for r in rows))}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="the model's workdir (trained here unless already trained)")
@@ -188,9 +208,13 @@ def main(argv=None) -> dict:
     print(f"loss table in {table_seconds:.0f} s", flush=True)
 
     rows = splits(table, args.delta, args.epsilon, args.splits, args.seed)
-    violations = sum(r["violation"] for r in rows)
-    lo, hi = clopper_pearson(violations, len(rows))
     chosen = np.array([r["chosen"] for r in rows])
+    # one mechanism at a time: the settings whose other axes keep their reference value, same splits
+    one_axis = {}
+    for name, values in grid.items():
+        keep = [k for k, st in enumerate(settings) if all(st[o] == grid[o][0] for o in grid if o != name)]
+        one_axis[name] = {"settings": len(keep),
+                          **summary(splits(restrict(table, keep), args.delta, args.epsilon, args.splits, args.seed))}
     per_setting = [{"setting": s, "risk": float(table.losses[k].mean()), "reduction_computed": table.reduction(k),
                     "reduction_ideal": float(table.dense.sum() / table.ideal[k].sum()), "bpb": table.quality(k),
                     "chosen_in_splits": int(np.sum(chosen == k))} for k, s in enumerate(settings)]
@@ -200,18 +224,13 @@ def main(argv=None) -> dict:
         "grid": {k: list(v) for k, v in grid.items()}, "settings": len(settings), "batch_size": args.batch_size,
         "exit_confidence": args.exit_confidence,
         "steps": trained.info["step"], "train_seconds": train_seconds, "table_seconds": table_seconds,
-        "violations": int(violations), "violation_rate": violations / len(rows), "violation_interval95": [lo, hi],
-        "mean_reduction": float(np.mean([r["reduction"] for r in rows])),
-        "mean_oracle_reduction": float(np.mean([r["oracle_reduction"] for r in rows])),
-        "mean_calibration_risk": float(np.mean([r["calibration_risk"] for r in rows])),
-        "mean_test_risk": float(np.mean([r["test_risk"] for r in rows])),
-        "max_test_risk": float(np.max([r["test_risk"] for r in rows])),
-        "reference_chosen": int(np.sum(chosen == 0)),
+        **summary(rows), "one_axis": one_axis,
         "reference_bpb": table.quality(0), "per_setting": per_setting, "per_split": rows,
     }
     if args.main_job:
         result["main_job"] = main_job(Path(args.main_job), args.delta, args.epsilon)
         print(f"main job: calibrate {result['main_job']['wall_s']:.0f} s", flush=True)
+    lo, hi = result["violation_interval95"]
     print(f"violation rate {result['violation_rate']:.3f} (95% interval {lo:.3f}-{hi:.3f}; target <= {args.epsilon}); "
           f"mean computed reduction {result['mean_reduction']:.3f}x vs oracle {result['mean_oracle_reduction']:.3f}x")
     if args.json:

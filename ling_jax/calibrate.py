@@ -22,7 +22,7 @@ calibration requests:
      never offset by tokens the setting gets right where the reference did not.
 
 2. **p-value** of the null "risk > delta" for each setting from its mean loss: the exact
-   binomial tail when every loss is 0 or 1, else Hoeffding-Bentkus (valid for any loss in
+   binomial tail when every loss of the setting is 0 or 1, else Hoeffding-Bentkus (valid for any loss in
    [0, 1]; Bates et al. 2021).
 3. **Fixed-sequence testing** along a path from the reference to the cheapest setting: settings
    ordered by computed FLOPs on the calibration requests (most first; ties by ideal FLOPs, then
@@ -104,16 +104,16 @@ def hoeffding_bentkus_p_value(risk: np.ndarray, n: int, delta: float) -> np.ndar
 
 
 def p_values(losses: np.ndarray, delta: float) -> np.ndarray:
-    """Per row of ``losses`` [K, N] (each in [0, 1]): binomial if every loss is 0 or 1, else Hoeffding-Bentkus."""
+    """Per row of ``losses`` [K, N] (each in [0, 1]): binomial if every loss of the row is 0 or 1,
+    else Hoeffding-Bentkus."""
     losses = np.asarray(losses, np.float64)
     if losses.ndim != 2 or losses.shape[1] == 0:
         raise ValueError(f"losses must be a [settings, requests] table with at least one request, got shape {losses.shape}")
     if not np.all((losses >= 0) & (losses <= 1)):
         raise ValueError("every loss must be in [0, 1]")
     risk, n = losses.mean(axis=1), losses.shape[1]
-    if np.all((losses == 0) | (losses == 1)):
-        return binomial_p_value(risk, n, delta)
-    return hoeffding_bentkus_p_value(risk, n, delta)
+    binary = np.all((losses == 0) | (losses == 1), axis=1)
+    return np.where(binary, binomial_p_value(risk, n, delta), hoeffding_bentkus_p_value(risk, n, delta))
 
 
 def upper_bound(losses: np.ndarray, epsilon: float) -> np.ndarray:

@@ -94,6 +94,10 @@ def test_p_values_and_upper_bound():
     losses = np.zeros((1, 200))
     losses[0, :1] = 1.0
     assert p_values(losses, 0.02)[0] == pytest.approx(0.98 ** 200 + 200 * 0.02 * 0.98 ** 199)
+    # decided per setting: a bounded row beside it takes Hoeffding-Bentkus and leaves the binary row's alone
+    mixed = np.concatenate([losses, np.full((1, 200), 0.005)])
+    assert p_values(mixed, 0.02)[0] == p_values(losses, 0.02)[0]
+    assert p_values(mixed, 0.02)[1] == hoeffding_bentkus_p_value(np.array([0.005]), 200, 0.02)[0]
     # Hoeffding-Bentkus is a p-value: 1 at or above delta, falls with the mean loss and with n
     assert hoeffding_bentkus_p_value(np.array([0.03]), 1000, 0.02)[0] == 1.0
     p = hoeffding_bentkus_p_value(np.array([0.015, 0.01, 0.005]), 1000, 0.02)
