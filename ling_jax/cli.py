@@ -245,7 +245,7 @@ def _request_shape(text):
     try:
         prompt, continuation = (int(v) for v in text.split(":"))
     except ValueError:
-        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 96:32, got {text!r}") from None
+        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 1024:64, got {text!r}") from None
     return prompt, continuation
 
 
@@ -306,10 +306,7 @@ def _request_eval(args, config: Config, state) -> dict:
 
     from ling_jax.request_eval import evaluate_requests, pruning_method, text_requests
 
-    try:
-        prompt, continuation = (int(v) for v in args.request.split(":"))
-    except ValueError:
-        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 1024:64, got {args.request!r}")
+    prompt, continuation = _request_shape(args.request)
     if config.data.task != "text" or config.data.tokenizer:
         raise ConfigError("eval --request reads byte-level text (data.task=text without a tokenizer)")
     if prompt < 1 or continuation < 1 or prompt + continuation > config.model.max_seq_len:
