@@ -502,6 +502,76 @@ def depth_quality(root: Path) -> list[str]:
         "bias; the pilots have no results files, so their figures are not quoted."]
 
 
+def _setting_name(setting: Mapping) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {'off' if v is None else f'{v:g}'}" for k, v in setting.items())
+
+
+def calibration(root: Path) -> list[str]:
+    d = load(root, "calibration.json")
+    m, pol = d["main_job"], d["main_job"]["policy"]
+    ev = m["eval_policy"]
+    from ling_jax.calibrate import format_path  # the table the CLI prints
+
+    chosen = ("the reference (no setting passed)" if pol["chosen_is_reference"]
+              else f"**{_setting_name(pol['setting'])}**")
+    same = (abs(ev["risk"] - pol["risk_estimate"]) <= 1e-9 and abs(ev["reduction_computed"] / pol["reduction_computed"] - 1) <= 1e-9)
+    out = header(root, "calibration.json") + [
+        f"**Main job.** `{m['command']}` took {m['wall_s']:.0f} s of wall time on {d['cpu_count']} cores shared "
+        f"with other jobs (load average {m['load_average_1min_start']:.1f} at the start, "
+        f"{m['load_average_1min_end']:.1f} at the end; target under 3 minutes: "
+        f"{'met' if m['wall_s'] < 180 else '**missed**'}), on {pol['requests']:,} requests of {pol['request'][0]} + "
+        f"{pol['request'][1]} bytes of the validation split:", "", "```", format_path(pol), "```", "",
+        f"Chosen: {chosen}, computed reduction **{x_(pol['reduction_computed'])}**, risk estimate "
+        f"{pol['risk_estimate']:.4f} with upper bound {pol['risk_upper_bound']:.4f} at 1 - epsilon (delta "
+        f"{pol['delta']:g}). `ling-jax eval --policy` on the same requests ({m['eval_wall_s']:.0f} s) gives risk "
+        f"{ev['risk']:.4f} and reduction {x_(ev['reduction_computed'])}: "
+        + ("the file round-trips." if same else "**the figures differ from the file's**."), ""]
+    grid = " x ".join(f"{k.replace('_', ' ')} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in d["grid"].items())
+    cfg = d["config"]
+    lo, hi = d["violation_interval95"]
+    met = hi <= d["epsilon"] or d["violation_rate"] <= d["epsilon"]
+    train = f"{mins(d['train_seconds'])} of training" if d.get("train_seconds") else "training time not recorded"
+    out += [
+        f"**Validity.** One model trained with learned pruning and early exit (`{cfg['preset']}` with exit heads "
+        f"after every block but the last, {d['steps']} steps: {train} on the shared cores). Its loss table holds "
+        f"{d['settings']} settings ({grid}; the exit threshold is on the {d['exit_confidence']} confidence) on "
+        f"{d['requests']:,} requests of {d['prompt']} + {d['continuation']} bytes (one compiled program, "
+        f"{d['batch_size']} request per batch so that each request's exit buckets are its own; "
+        f"{mins(d['table_seconds'])}). "
+        f"{d['splits']} random splits into {d['calibration_requests']:,} calibration and {d['test_requests']:,} test "
+        f"requests, delta {d['delta']:g}, epsilon {d['epsilon']:g}:", "",
+        f"- splits whose chosen setting loses more than delta on the test half: **{d['violations']} of {d['splits']}** = "
+        f"{d['violation_rate']:.3f} (95% Clopper-Pearson interval {lo:.3f}-{hi:.3f}); target at most epsilon: "
+        f"{'met' if met else '**missed**'}. Mean test loss of the chosen setting {d['mean_test_risk']:.4f} "
+        f"(largest {d['max_test_risk']:.4f}); mean calibration estimate {d['mean_calibration_risk']:.4f}.",
+        f"- mean computed reduction of the chosen settings on the test halves **{x_(d['mean_reduction'], 3)}**, beside "
+        f"**{x_(d['mean_oracle_reduction'], 3)}** for an oracle that picks, on each test half itself, the cheapest "
+        f"setting whose test loss is at most delta; the reference was chosen in {d['reference_chosen']} splits.",
+        *[f"- {name.replace('_', ' ')} alone (its {a['settings']} settings, the other axis at its reference value; "
+          f"same splits): violation rate {a['violation_rate']:.3f} (95% interval {a['violation_interval95'][0]:.3f}-"
+          f"{a['violation_interval95'][1]:.3f}), mean computed reduction {x_(a['mean_reduction'], 3)} vs oracle "
+          f"{x_(a['mean_oracle_reduction'], 3)}." for name, a in d["one_axis"].items()], ""]
+    per, ref = d["per_setting"], d["per_setting"][0]
+    oracle = [sum(s["oracle"] == k for s in d["per_split"]) for k in range(len(per))]
+    shown = sorted({0} | {k for k, r in enumerate(per) if r["chosen_in_splits"] or oracle[k]},
+                   key=lambda k: -per[k]["reduction_computed"])
+    out += ["The reference, the settings Learn-then-Test chose and those the oracle chose (risk, bits per byte and "
+            "reductions over all requests):", "",
+            *table(["setting", "risk", "bpb", "reduction computed", "reduction ideal", "chosen in splits",
+                    "oracle's in splits"],
+                   [[_setting_name(per[k]["setting"]), f"{per[k]['risk']:.4f}", f"{per[k]['bpb']:.3f}",
+                     x_(per[k]["reduction_computed"], 3), x_(per[k]["reduction_ideal"], 3),
+                     str(per[k]["chosen_in_splits"]), str(oracle[k])] for k in shown]), "",
+            f"The reference (nothing pruned, no exit; {d['reference_bpb']:.3f} bpb on the continuations) computes "
+            f"{x_(ref['reduction_computed'], 3)} of the dense model's work: every exit layer runs its exit head and "
+            "classifier on every live token, so an exit has to save that much before the request computes less than "
+            "dense. Masked pruning saves ideal FLOPs only (a masked key is still computed), so on the joint path a "
+            "pruning threshold sits among the exit thresholds of nearly the same computed cost and, when it fails, "
+            "stops the walk before cheaper exit settings are tested: the price of a joint grid in a fixed-sequence "
+            "test."]
+    return out
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -627,6 +697,7 @@ BLOCKS: dict[str, Callable[[Path], list[str]]] = {
     "depth_quality": depth_quality,
     "bench_realized": bench_realized,
     "long_context": long_context,
+    "calibration": calibration,
 }
 
 

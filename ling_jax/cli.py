@@ -1,6 +1,6 @@
 """ling-jax: train, evaluate, sweep and size token-efficient transformers.
 
-Commands: train, eval, sweep, info (ling-jax COMMAND --help for each).
+Commands: train, eval, sweep, calibrate, info (ling-jax COMMAND --help for each).
 """
 
 from __future__ import annotations
@@ -211,6 +211,43 @@ def cmd_sweep(args, extra) -> int:
     return 0
 
 
+def cmd_calibrate(args, extra) -> int:
+    """Learn-then-Test (ling_jax/calibrate.py): the cheapest setting whose quality loss against the
+    reference stays under --delta with probability 1 - --epsilon; writes DIR/policy.json."""
+    from ling_jax.calibrate import calibrate, check_arguments, format_path, write_policy
+    from ling_jax.train import load_trained
+
+    check_arguments(args.delta, args.epsilon, args.requests)  # before loading anything
+    config, _, state = load_trained(args.workdir)
+    overrides = parse_overrides(extra)
+    _data_shortcuts(args, overrides)
+    config = apply_overrides(config, overrides)
+    record = calibrate(config, state.variables(), int(state.step), delta=args.delta,
+                       epsilon=args.epsilon, requests=args.requests, request=_request_shape(args.request),
+                       grid=args.grid, batch_size=args.batch_size, progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path(args.workdir) / "policy.json"
+    write_policy(out, record)
+    print(format_path(record))
+    chosen = "the reference (no setting passed)" if record["chosen_is_reference"] else json.dumps(record["setting"])
+    print(f"chosen: {chosen}: computed reduction {record['reduction_computed']:.2f}x, risk estimate "
+          f"{record['risk_estimate']:.4f} (upper bound {record['risk_upper_bound']:.4f} at 1 - epsilon) for delta "
+          f"{args.delta:g} on {record['requests']} requests; wrote {out}")
+    print(json.dumps({k: record[k] for k in ("setting", "reduction_computed", "risk_estimate", "risk_upper_bound",
+                                             "p_value", "requests", "delta", "epsilon")}))
+    return 0
+
+
+def _request_shape(text):
+    """``--request P:C`` as (P, C); None stays None."""
+    if text is None:
+        return None
+    try:
+        prompt, continuation = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 1024:64, got {text!r}") from None
+    return prompt, continuation
+
+
 def cmd_eval(args, extra) -> int:
     import jax
 
@@ -223,6 +260,9 @@ def cmd_eval(args, extra) -> int:
     trained_data, config = config.data, apply_overrides(config, overrides)
     if config.data == trained_data:  # the workdir's own data: is it still the corpus it trained on?
         _warn_if_other_corpus(args.workdir, config)
+    if args.policy:
+        print(json.dumps(_policy_eval(args, config, state)))
+        return 0
     if args.request:
         print(json.dumps(_request_eval(args, config, state)))
         return 0
@@ -231,6 +271,18 @@ def cmd_eval(args, extra) -> int:
     out = {"step": int(state.step), data.metric: result[data.metric], "loss": result["loss"]}
     print(json.dumps(out))
     return 0
+
+
+def _policy_eval(args, config: Config, state) -> dict:
+    """``eval --policy FILE``: the calibrated policy against its reference on requests made as in
+    calibration (``--requests N``, default the calibration's count)."""
+    from ling_jax.calibrate import evaluate_policy, load_policy
+
+    if args.request:
+        raise ConfigError("--policy evaluates requests of the shape the policy was calibrated on; drop --request")
+    record, _ = load_policy(args.policy, config.model, int(state.step))
+    out = evaluate_policy(config, state.variables(), record, requests=args.requests)
+    return {"step": int(state.step), "policy": str(args.policy), **out}
 
 
 def _warn_if_other_corpus(workdir, config: Config) -> None:
@@ -251,10 +303,7 @@ def _request_eval(args, config: Config, state) -> dict:
 
     from ling_jax.request_eval import evaluate_requests, pruning_method, text_requests
 
-    try:
-        prompt, continuation = (int(v) for v in args.request.split(":"))
-    except ValueError:
-        raise ConfigError(f"--request takes PROMPT:CONTINUATION token counts, e.g. 1024:64, got {args.request!r}")
+    prompt, continuation = _request_shape(args.request)
     if config.data.task != "text" or config.data.tokenizer:
         raise ConfigError("eval --request reads byte-level text (data.task=text without a tokenizer)")
     if prompt < 1 or continuation < 1 or prompt + continuation > config.model.max_seq_len:
@@ -268,14 +317,15 @@ def _request_eval(args, config: Config, state) -> dict:
             raise ConfigError(f"{past}; pass --past-trained-length to evaluate them anyway")
         print(f"ling-jax: warning: {past}", file=sys.stderr)
     data = load_corpus(config.data.path or None, "validation", config.data.validation_fraction)
-    prompts, continuations = text_requests(data, args.requests, prompt, continuation)
+    count = 16 if args.requests is None else args.requests
+    prompts, continuations = text_requests(data, count, prompt, continuation)
     scored = np.ones(continuations.shape, np.float32)
     runs = {}
     for name in ("dense", args.method):
         cfg = pruning_method(config.model, name, args.budget)
         runs[name] = evaluate_requests(cfg, state.variables(), prompts, continuations, scored, metric="bpb", batch_size=8)
     dense, mine = runs["dense"], runs[args.method]
-    return {"step": int(state.step), "prompt": prompt, "continuation": continuation, "requests": args.requests,
+    return {"step": int(state.step), "prompt": prompt, "continuation": continuation, "requests": count,
             "method": args.method, "budget": args.budget, "bpb": mine["quality"], "dense_bpb": dense["quality"],
             "token_reduction_computed": dense["computed_flops"] / mine["computed_flops"],
             "kv_fraction": mine["kv_bytes_per_request"] / dense["kv_bytes_per_request"]}
@@ -409,6 +459,12 @@ def cmd_generate(args, extra) -> int:
     if len(prompt) + args.max_new_tokens > m.max_seq_len:
         raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
                           f"the model's max_seq_len ({m.max_seq_len})")
+    if args.policy:  # the calibrated setting (ling-jax calibrate) in place of the trained one
+        from ling_jax.calibrate import load_policy
+
+        if args.budget is not None or args.exit_threshold is not None:
+            raise ConfigError("--policy sets the budget and thresholds itself: drop --budget and --exit-threshold")
+        _, m = load_policy(args.policy, m, int(state.step))
     info: dict = {"prompt_tokens": int(len(prompt))}
     if args.budget is not None and not m.pruning.enabled:
         raise ConfigError("--budget needs a model with pruning (model.pruning.enabled)")
@@ -467,6 +523,8 @@ def _add_convert_parser(sub) -> None:
                    "threshold and budget)")
     p.add_argument("--exit-threshold", type=float, metavar="T", help="model trained with early exit: exit threshold "
                    "(default: the trained model.depth.exit_threshold)")
+    p.add_argument("--policy", metavar="FILE", help="apply a policy written by ling-jax calibrate (W/policy.json) "
+                   "in place of the trained settings")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", allow_abbrev=False, help="write a workdir's latest checkpoint as a Hugging Face directory")
@@ -519,6 +577,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run the sweep even if its file exists, and overwrite it")
     p.set_defaults(fn=cmd_sweep)
 
+    p = sub.add_parser("calibrate", help="the cheapest inference policy whose quality loss stays under a bound "
+                       "with a stated probability (Learn-then-Test); writes DIR/policy.json",
+                       description=_wrap("Learn-then-Test over a grid of inference settings of the latest checkpoint "
+                       "in --workdir (KV budget of the learned pruner; pruning, Mixture-of-Depths and early-exit "
+                       "thresholds), ordered by computed FLOPs from the reference (nothing skipped) to the cheapest. "
+                       "Each request's loss against the reference is the relative increase of its continuation's "
+                       "bits (text) or the share of its reference-correct answers lost (tasks), in [0, 1]; a setting "
+                       "passes when the null 'mean loss > delta' is rejected at level epsilon (binomial or "
+                       "Hoeffding-Bentkus p-value), walking the path until the first failure. The chosen policy "
+                       "keeps the expected loss under delta with probability at least 1 - epsilon. Writes "
+                       "DIR/policy.json for eval --policy and generate --policy (ling_jax/calibrate.py)."),
+                       epilog=OVERRIDES_HELP, **common)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a trained workdir")
+    _add_data_args(p)
+    p.add_argument("--delta", type=float, default=0.02, help="risk bound: expected per-request quality loss (default 0.02)")
+    p.add_argument("--epsilon", type=float, default=0.1, help="error level: P(risk > delta) <= epsilon (default 0.1)")
+    p.add_argument("--requests", type=int, default=1024, metavar="N", help="calibration requests (default 1024)")
+    p.add_argument("--request", metavar="P:C", help="text: prompt and continuation lengths (default: seq_len - 32 : 32)")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="replace an axis of the default grid, reference value first (e.g. budget=none,64,32,16; "
+                        "exit_threshold=1,0.95,0.9); repeatable")
+    p.add_argument("--batch-size", type=int, metavar="B", help="requests per batch (default 128 for KV budgets, "
+                   "1 for thresholds: early-exit and MoD buckets are chosen per batch)")
+    p.add_argument("--out", metavar="FILE", help="policy file (default DIR/policy.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_calibrate)
+
     p = sub.add_parser("eval", help="evaluate the latest checkpoint; prints one JSON line",
                        description=_wrap("Evaluate the latest checkpoint in --workdir on its validation data "
                        "(or other data); prints one JSON line."), epilog=OVERRIDES_HELP, **common)
@@ -529,7 +614,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="learned", choices=["learned", "window", "h2o", "tova", "snapkv", "random"],
                    help="--request: which method keeps the prompt's tokens (default: the trained scorer)")
     p.add_argument("--budget", type=int, default=64, metavar="B", help="--request: KV slots per layer (default 64)")
-    p.add_argument("--requests", type=int, default=16, metavar="N", help="--request: how many requests (default 16)")
+    p.add_argument("--requests", type=int, metavar="N",
+                   help="--request: how many requests (default 16); --policy: default the calibration's count")
+    p.add_argument("--policy", metavar="FILE", help="evaluate a policy written by ling-jax calibrate (W/policy.json) "
+                   "against its reference: risk, quality and computed reduction")
     p.add_argument("--past-trained-length", action="store_true",
                    help="--request: allow P + C beyond the sequence length the model was trained at (train.seq_len), "
                         "with a warning; positions it never trained on are scored")
