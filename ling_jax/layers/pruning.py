@@ -29,7 +29,6 @@ budget rule, which keeps what the end of the sequence needs (like any prompt-com
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -81,7 +80,7 @@ def budget_expiry(
     positions: Int[Array, "B T"],
     keep_others: int,
     window: int,
-    block: Optional[int] = None,
+    block: int = 32,
 ) -> Int[Array, "B T"]:
     """Per-key expiry of the budget rule (tokens in position order along T).
 
@@ -92,33 +91,32 @@ def budget_expiry(
     Causal: whether p sees j depends only on tokens at positions <= p.
 
     The ``keep_others``-th beater is found in two steps, without a running count over all
-    ``T x T`` pairs (a ``[T, T]`` cumsum was most of what prefill compaction added to the
-    first layer on CPU): beaters are counted per ``block`` of tokens (default ``isqrt(T)``) in
-    one pass over the pairs, which finds the block holding the ``keep_others``-th; a running
-    count inside that block finds it. Cost O(B T^2) comparisons plus O(B T block).
+    ``T x T`` pairs (a ``[T, T]`` cumsum was most of what prefill compaction added to the first
+    layer on CPU): beaters are counted per ``block`` of tokens in one pass over the pairs, which
+    finds the block holding the ``keep_others``-th; a running count inside that block finds it.
+    Cost O(B T^2) comparisons plus O(B T block).
     """
     if keep_others <= 0:
         return jnp.full(priority.shape, NEVER, jnp.int32)
     b, t = priority.shape
-    block = max(1, min(t, block or math.isqrt(t)))
+    block = max(1, min(t, block))
     blocks = -(-t // block)
     pad = ((0, 0), (0, blocks * block - t))  # padded tokens are no candidates
     beater = (jnp.pad(priority, pad), jnp.pad(positions, pad), jnp.pad(candidate, pad))  # [B, blocks * block] each
-    pj, posj = priority[:, None, :], positions[:, None, :]  # [B, 1, T(key)]
+    pj, posj = priority[:, :, None], positions[:, :, None]  # [B, T(key), 1]
 
-    def beats(pi, posi, ci):  # [B, N(beater), 1] each -> [B, N, T]
+    def beats(pi, posi, ci):  # beaters [B, 1 or T, N] each -> [B, T(key), N]
         return ci & ((pi > pj) | ((pi == pj) & (posi > posj)))
 
-    per_block = jnp.sum(beats(*(v[:, :, None] for v in beater)).reshape(b, blocks, block, t), axis=2,
-                        dtype=jnp.int32)  # [B, blocks, T]
-    short = jnp.cumsum(per_block, axis=1) < keep_others  # [B, blocks, T]: not reached by the end of the block
-    found = jnp.sum(short, axis=1, dtype=jnp.int32)  # [B, T]: block of the keep_others-th beater (blocks: none)
-    before = jnp.sum(jnp.where(short, per_block, 0), axis=1)  # [B, T]: beaters in the blocks before it
-    rows = jnp.minimum(found, blocks - 1)[:, None, :] * block + jnp.arange(block, dtype=jnp.int32)[None, :, None]
-    rows = rows.reshape(b, block * t)  # [B, block * T]: that block's tokens, for each key
-    inside = beats(*(jnp.take_along_axis(v, rows, axis=1).reshape(b, block, t) for v in beater))  # [B, block, T]
-    count = before[:, None, :] + jnp.cumsum(inside, axis=1, dtype=jnp.int32)
-    kth = found * block + jnp.sum(count < keep_others, axis=1, dtype=jnp.int32)  # [B, T]: index of the beater
+    per_block = jnp.sum(beats(*(v[:, None, :] for v in beater)).reshape(b, t, blocks, block), axis=3,
+                        dtype=jnp.int32)  # [B, T, blocks]
+    short = jnp.cumsum(per_block, axis=2) < keep_others  # [B, T, blocks]: not reached by the end of the block
+    found = jnp.sum(short, axis=2, dtype=jnp.int32)  # [B, T]: block of the keep_others-th beater (blocks: none)
+    before = jnp.sum(jnp.where(short, per_block, 0), axis=2)  # [B, T]: beaters in the blocks before it
+    rows = jnp.minimum(found, blocks - 1)[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)  # [B, T, block]
+    inside = beats(*(jnp.take_along_axis(v, rows.reshape(b, t * block), axis=1).reshape(b, t, block) for v in beater))
+    count = before[:, :, None] + jnp.cumsum(inside, axis=2, dtype=jnp.int32)  # [B, T, block]
+    kth = found * block + jnp.sum(count < keep_others, axis=2, dtype=jnp.int32)  # [B, T]: index of the beater
     expiry = jnp.take_along_axis(positions, jnp.minimum(kth, t - 1), axis=1) + window
     return jnp.where(found < blocks, expiry, FOREVER).astype(jnp.int32)
 

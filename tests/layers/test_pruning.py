@@ -265,7 +265,7 @@ def brute_force_budget(prio, cand, pos, valid, k, window, sinks):
 
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), k=st.integers(0, 5), window=st.integers(1, 4), sinks=st.integers(0, 2),
-       ties=st.booleans(), block=st.sampled_from([None, 1, 3, 16, 20]))
+       ties=st.booleans(), block=st.sampled_from([1, 3, 16, 20, 32]))
 def test_budget_expiry_matches_brute_force(seed, k, window, sinks, ties, block):
     rng = np.random.default_rng(seed)
     b, t = 2, 16
@@ -290,7 +290,7 @@ def test_budget_expiry_writes_no_count_per_pair():
     """The budget rule's expiry reads the T x T (beater, key) pairs once and writes no [T, T]
     running count (a cumsum over the pairs was the largest cost of a 2048-token prefill with
     compaction at keep 0.1 besides the first layer's attention, ``experiments/bench_pruning.py``)."""
-    t = 1024
+    t = 2048
     args = jnp.zeros((1, t)), jnp.ones((1, t), bool), jnp.arange(t)[None]
     cost = jax.jit(lambda p, c, q: budget_expiry(p, c, q, 100, 4)).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
