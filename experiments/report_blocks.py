@@ -787,10 +787,13 @@ _ABSOLUTE = re.compile(r"(?:^|[\s=`'\"(])(/[A-Za-z0-9_.-]+/[^\s`'\")]*)")
 
 
 def absolute_paths_in_code(readme: str) -> list[str]:
-    """Absolute paths in the README's code (fenced blocks and `spans`, which is where commands are),
-    with their line: a recorded command must name paths relative to the repository."""
+    """Absolute paths in the README's commands (fenced blocks and `spans` of a program and its
+    arguments), with the command: a recorded command must name paths relative to the repository. A
+    span that is one path alone names a file, not a command (a report rendered for a results root
+    outside the repository names its files so)."""
     code = re.findall(r"```.*?```", readme, flags=re.S) + re.findall(r"`[^`\n]+`", re.sub(r"```.*?```", "", readme, flags=re.S))
-    return [f"{m.group(1)!r} in: {c.strip()[:120]}" for c in code for m in _ABSOLUTE.finditer(c)]
+    commands = [c for c in code if len(c.strip("`").split()) > 1]
+    return [f"{m.group(1)!r} in: {c.strip()[:120]}" for c in commands for m in _ABSOLUTE.finditer(c)]
 
 
 # Numbers in the README prose that are not results: documented targets, tolerances and settings.

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from experiments import long_context as L
+from ling_jax.provenance import command_line
 from ling_jax.testing import fast_compile
 
 pytestmark = pytest.mark.slow  # an end-to-end run (still in CI; `-m "not slow"` skips it)
@@ -46,7 +47,8 @@ def test_summary_meta_and_figure_come_with_the_results(smoke):
     root, argv = smoke
     summary = json.loads((root / "smoke" / "long_context.summary.json").read_text())
     assert [lv["level"] for lv in summary["levels"]] == list(L.LEVELS["needle"])
-    assert summary["command"].endswith(" ".join(argv)) and summary["git_revision"]
+    assert summary["command"] == command_line("experiments/long_context.py", argv) and summary["git_revision"]
+    assert "$TMPDIR/" in summary["command"] and "/tmp/" not in summary["command"]  # no machine path recorded
     assert all(lv["oracle_ceiling"]["budget"] == min(L.SIZES["smoke"].budgets["needle"]) for lv in summary["levels"])
     meta = json.loads((root / "smoke" / "long_context.meta.json").read_text())
     assert meta["finished"] and meta["wall_s"] > 0 and meta["runs"]

@@ -121,6 +121,7 @@ def test_an_absolute_path_in_a_command_fails_the_check(section):
     assert B.absolute_paths_in_code("```bash\n/opt/venv/bin/python -m pytest\n```") == [
         "'/opt/venv/bin/python' in: ```bash\n/opt/venv/bin/python -m pytest\n```"]
     assert not B.absolute_paths_in_code("`ling-jax eval --request 192/64` and `a/b` and `s/a/b/`")
+    assert not B.absolute_paths_in_code("results in `/tmp/results/smoke/`")  # a file named, not a command
 
 
 def test_a_recorded_absolute_path_fails_the_check(tmp_path):
